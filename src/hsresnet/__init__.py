@@ -1,0 +1,11 @@
+"""hsresnet: HS-ResNet, the Hierarchical-Split block CNN (Yuan et al., arXiv 2010.07621), native to timm.
+
+``import hsresnet`` registers the ``hs_resnet*`` family into timm, so ``timm.create_model('hs_resnet50')`` works.
+"""
+
+from .layers import HSBlock, HSStridedBlock, hs_widths
+from .models import HSBottleneck, HSResNet
+
+__version__ = '0.1.0'
+
+__all__ = ['HSBlock', 'HSStridedBlock', 'HSBottleneck', 'HSResNet', 'hs_widths', '__version__']

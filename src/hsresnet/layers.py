@@ -1,0 +1,163 @@
+"""The Hierarchical-Split block (Yuan et al., arXiv 2010.07621, Sec. 3) and its strided counterpart.
+
+Both map ``s * width`` channels to ``s * width`` channels, so either replaces the 3x3 conv of a ResNet
+bottleneck. The exact arithmetic is fixed by ``shared/design/hs-block.md`` and documented in
+``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ['HSBlock', 'HSStridedBlock', 'hs_widths', 'check_hs_args', 'adapt_norm_layer', 'DOWN_MODES']
+
+DOWN_MODES = ('pool_conv', 'conv')
+
+
+def check_hs_args(width: int, s: int, down: str = 'pool_conv') -> None:
+    """Refuse a configuration the spec does not define, naming the parameter, the value and what is allowed."""
+    if isinstance(s, bool) or not isinstance(s, int) or s < 2:
+        raise ValueError(f'HS block: s={s!r} is invalid; the split count s must be an integer >= 2 (paper uses 2-8).')
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(
+            f'HS block: width={width!r} is invalid; each of the s groups needs an integer width >= 1 channel '
+            '(in a network width = floor(planes * w / 64): raise w).'
+        )
+    if down not in DOWN_MODES:
+        raise ValueError(f'HS block: down={down!r} is invalid; choose one of {DOWN_MODES}.')
+
+
+def hs_widths(width: int, s: int) -> List[int]:
+    """Channel counts ``c_2 .. c_s`` of the cascade: ``c_2 = width``, ``c_i = width + floor(c_{i-1} / 2)``."""
+    check_hs_args(width, s)
+    widths = [width]
+    for _ in range(s - 2):
+        widths.append(width + widths[-1] // 2)
+    return widths
+
+
+def adapt_norm_layer(norm_layer: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Let a norm layer that only takes ``C`` (torchvision's ``FrozenBatchNorm2d``) accept timm's device/dtype."""
+    try:
+        params = inspect.signature(norm_layer).parameters
+    except (TypeError, ValueError):  # builtins without a signature: assume the full torch.nn contract
+        return norm_layer
+    if 'device' in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return norm_layer
+
+    def norm_without_factory_kwargs(num_features: int, device=None, dtype=None, **kwargs) -> nn.Module:
+        return norm_layer(num_features, **kwargs).to(device=device, dtype=dtype)
+
+    norm_without_factory_kwargs.__name__ = getattr(norm_layer, '__name__', 'norm_layer')
+    return norm_without_factory_kwargs
+
+
+class HSBlock(nn.Module):
+    """The stride-1 Hierarchical-Split cascade (paper Sec. 3.1, Fig. 2).
+
+    The input is split into ``s`` groups ``x_1 .. x_s`` of ``width`` channels. ``y_1 = x_1`` (identity),
+    ``y_2 = F_2(x_2)``, ``y_i = F_i(cat(x_i, y_{i-1,2}))``; each ``y_i`` (``i < s``) is split into its first
+    ``ceil(c_i / 2)`` channels ``y_{i,1}``, which go to the output, and the rest ``y_{i,2}``, which is
+    forwarded. ``out = cat(y_1, y_{2,1}, ..., y_{s-1,1}, y_s)`` has ``s * width`` channels for any parity.
+    ``F_i`` is a 3x3 conv ``c_i -> c_i`` + norm + activation.
+
+    Args:
+        width: channels per group (``w`` in the paper, after the bottleneck's ``planes * w / 64`` scaling).
+        s: number of groups, >= 2.
+        dilation: dilation (and padding) of every 3x3 conv.
+        norm_layer: called as ``norm_layer(C)``; ``FrozenBatchNorm2d`` works.
+        act_layer: activation class, built with ``inplace=True``.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        s: int,
+        dilation: int = 1,
+        norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.widths = hs_widths(width, s)
+        self.width = width
+        self.s = s
+        self.channels = s * width
+        # channels of each y_i that go to the output (ceil half; the last group gives all of it)
+        self.out_widths = [c - c // 2 for c in self.widths[:-1]] + [self.widths[-1]]
+        norm_layer = adapt_norm_layer(norm_layer)
+        dd = {'device': device, 'dtype': dtype}
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c, c, 3, padding=dilation, dilation=dilation, bias=False, **dd) for c in self.widths
+        )
+        self.bns = nn.ModuleList(norm_layer(c, **dd) for c in self.widths)
+        self.act = act_layer(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = torch.split(x, self.width, dim=1)
+        outs = [groups[0]]
+        forwarded = groups[0]  # placeholder of the right type for TorchScript; replaced before first use
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            y = groups[i + 1] if i == 0 else torch.cat([groups[i + 1], forwarded], dim=1)
+            y = self.act(bn(conv(y)))
+            keep = self.out_widths[i]
+            outs.append(y[:, :keep])
+            forwarded = y[:, keep:]
+        return torch.cat(outs, dim=1)
+
+    def extra_repr(self) -> str:
+        return f'width={self.width}, s={self.s}, widths={self.widths}'
+
+
+class HSStridedBlock(nn.Module):
+    """The block at a downsampling position (first block of stages 2-4): no cascade, as the authors describe.
+
+    ``down='pool_conv'``: ``x_1`` goes through ``AvgPool2d(3, stride, padding=1)`` and every other group through
+    its own 3x3 conv ``width -> width`` + norm + activation, all with the stride; the per-group convs are one
+    grouped conv (``groups = s - 1``), which is the same arithmetic. ``down='conv'``: one dense 3x3 conv
+    ``s * width -> s * width`` + norm + activation. The structure depends on the nominal position only: with a
+    dilated backbone (``output_stride`` 8/16) ``stride`` is 1, the conv dilates and the state_dict is unchanged.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        s: int,
+        stride: int = 2,
+        dilation: int = 1,
+        down: str = 'pool_conv',
+        norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        check_hs_args(width, s, down)
+        self.width = width
+        self.s = s
+        self.down = down
+        self.channels = s * width
+        norm_layer = adapt_norm_layer(norm_layer)
+        dd = {'device': device, 'dtype': dtype}
+        conv_chs = self.channels if down == 'conv' else self.channels - width
+        groups = 1 if down == 'conv' else s - 1
+        self.pool: Optional[nn.Module] = None if down == 'conv' else nn.AvgPool2d(3, stride, padding=1)
+        self.conv = nn.Conv2d(
+            conv_chs, conv_chs, 3, stride, padding=dilation, dilation=dilation, groups=groups, bias=False, **dd
+        )
+        self.bn = norm_layer(conv_chs, **dd)
+        self.act = act_layer(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool is None:
+            return self.act(self.bn(self.conv(x)))
+        identity, rest = x[:, : self.width], x[:, self.width :]
+        return torch.cat([self.pool(identity), self.act(self.bn(self.conv(rest)))], dim=1)
+
+    def extra_repr(self) -> str:
+        return f'width={self.width}, s={self.s}, down={self.down!r}'
