@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument('--version', action='version', version=f'hsresnet {__version__}')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (_module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
