@@ -3,9 +3,10 @@
 ``import hsresnet`` registers the ``hs_resnet*`` family into timm, so ``timm.create_model('hs_resnet50')`` works.
 """
 
+from .factory import create_model
 from .layers import HSBlock, HSStridedBlock, hs_widths
 from .models import HSBottleneck, HSResNet
 
 __version__ = '0.1.0'
 
-__all__ = ['HSBlock', 'HSStridedBlock', 'HSBottleneck', 'HSResNet', 'hs_widths', '__version__']
+__all__ = ['create_model', 'HSBlock', 'HSStridedBlock', 'HSBottleneck', 'HSResNet', 'hs_widths', '__version__']
