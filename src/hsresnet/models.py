@@ -131,6 +131,8 @@ class HSResNet(ResNet):
         s: split count (>= 2).
         down: strided block style, ``'pool_conv'`` (default) or ``'conv'``.
         small_input: for 28-64 px images: the stem's first conv is 3x3 with stride 1 and there is no max-pool.
+            ``output_stride`` stays nominal (that of the 224 px stem): the real strides are 4x smaller, as
+            ``feature_info`` reports.
         **kwargs: anything timm's ``ResNet`` takes (``num_classes``, ``in_chans``, ``output_stride``,
             ``stem_type``, ``avg_down``, ``channels``, ``drop_path_rate`` ...).
     """
@@ -165,6 +167,7 @@ class HSResNet(ResNet):
             **kwargs,
         )
         self.w, self.s, self.down, self.small_input = w, s, down, small_input
+        self.inplanes = self.num_features  # as in torchvision's ResNet: its _resnet_fpn_extractor reads it
         self._check_stem_channels(small_input)
 
     def _check_stem_channels(self, small_input: bool) -> None:
