@@ -24,8 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .factory import create_model
 from .layers import DOWN_MODES, check_hs_args, hs_widths
-from .models import _D as D_VARIANT_KWARGS
-from .models import LAYOUTS, PRESETS
+from .models import D_VARIANT_KWARGS, LAYOUTS, PRESETS, group_width
 
 __all__ = [
     'Complexity',
@@ -90,19 +89,6 @@ def _out_size(size: Tuple[int, int], stride: int) -> Tuple[int, int]:
     the 3x3/2 average pool of ``pool_conv`` (padding 1), 1x1 convs and the 2x2/2 ceil-mode avg-down pool.
     """
     return (size[0] - 1) // stride + 1, (size[1] - 1) // stride + 1
-
-
-def group_width(planes: int, w: int) -> int:
-    """The group width of a stage, ``floor(planes * w / 64)`` (spec, "The bottleneck and the network")."""
-    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-        raise ValueError(f'HS-ResNet: w={w!r} is invalid; w must be an integer >= 1 (the paper uses 12-28).')
-    width = planes * w // 64
-    if width < 1:
-        raise ValueError(
-            f'HS-ResNet: w={w} gives width floor({planes} * {w} / 64) = 0 for a stage with {planes} planes; '
-            f'use w >= {math.ceil(64 / planes)}.'
-        )
-    return width
 
 
 def conv_complexity(

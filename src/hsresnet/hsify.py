@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -20,6 +19,7 @@ from timm.models import resnet as timm_resnet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .layers import HSBlock, HSStridedBlock, adapt_norm_layer, check_hs_args
+from .models import group_width
 
 __all__ = ['hsify']
 
@@ -148,12 +148,7 @@ def _plan(model: nn.Module, w: int) -> List[_Plan]:
         if outplanes % block.expansion:
             raise _refuse(f'{path}.conv3', f'{outplanes} output channels is not a multiple of {block.expansion}')
         planes = outplanes // block.expansion
-        width = planes * w // 64
-        if width < 1:
-            raise ValueError(
-                f'hsify: w={w} gives width floor({planes} * {w} / 64) = 0 at {path!r} ({planes} planes); '
-                f'use w >= {math.ceil(64 / planes)}.'
-            )
+        width = group_width(planes, w, repr(path))
         same_stage = i + 1 < len(blocks) and stage_of[i + 1] == stage_of[i]
         nxt = blocks[i + 1][1] if same_stage else None
         plans.append(

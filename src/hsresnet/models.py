@@ -18,11 +18,24 @@ from timm.models.resnet import ResNet
 
 from .layers import HSBlock, HSStridedBlock, adapt_norm_layer, check_hs_args
 
-__all__ = ['HSBottleneck', 'HSResNet', 'LAYOUTS', 'PRESETS']
+__all__ = ['HSBottleneck', 'HSResNet', 'LAYOUTS', 'PRESETS', 'D_VARIANT_KWARGS', 'group_width']
 
 LAYOUTS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 # (w, s) of the named ResNet-50 presets, see docs/architecture.md (budget-matched to ResNet-50 except 28w_6s)
 PRESETS = {'18w_5s': (18, 5), '22w_4s': (22, 4), '16w_6s': (16, 6), '12w_8s': (12, 8), '28w_6s': (28, 6)}
+
+
+def group_width(planes: int, w: int, where: str = 'a stage') -> int:
+    """The group width of a bottleneck with ``planes``: ``floor(planes * w / 64)`` (spec, "The bottleneck")."""
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        raise ValueError(f'HS-ResNet: w={w!r} is invalid; w must be an integer >= 1 (the paper uses 12-28).')
+    width = planes * w // 64
+    if width < 1:
+        raise ValueError(
+            f'HS-ResNet: w={w} gives width floor({planes} * {w} / 64) = 0 at {where} ({planes} planes); '
+            f'use w >= {math.ceil(64 / planes)}.'
+        )
+    return width
 
 
 class HSBottleneck(nn.Module):
@@ -61,12 +74,7 @@ class HSBottleneck(nn.Module):
                 f'HSBottleneck supports cardinality=1, block_reduce_first=1 and aa_layer=None, got {cardinality}, '
                 f'{reduce_first}, {aa_layer}: the HS block defines its own grouping (s) and downsampling (down).'
             )
-        width = int(math.floor(planes * base_width / 64))
-        if width < 1:
-            raise ValueError(
-                f'HS-ResNet: w={base_width} gives width floor({planes} * {base_width} / 64) = 0 for a stage with '
-                f'{planes} planes; use w >= {math.ceil(64 / planes)}.'
-            )
+        width = group_width(planes, base_width)
         check_hs_args(width, s, down)
         dd = {'device': device, 'dtype': dtype}
         mid = s * width
@@ -149,9 +157,7 @@ class HSResNet(ResNet):
         channels: Sequence[int] = (64, 128, 256, 512),
         **kwargs,
     ):
-        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise ValueError(f'HS-ResNet: w={w!r} is invalid; w must be an integer >= 1 (the paper uses 12-28).')
-        check_hs_args(max(1, min(channels) * w // 64), s, down)
+        check_hs_args(group_width(min(channels), w, 'the narrowest stage'), s, down)
         if output_stride not in (8, 16, 32):
             raise ValueError(f'HS-ResNet: output_stride={output_stride!r} is invalid; choose 8, 16 or 32.')
         if 'block' in kwargs or 'block_args' in kwargs:
@@ -239,7 +245,7 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-_D = dict(stem_type='deep', stem_width=32, avg_down=True)
+D_VARIANT_KWARGS = dict(stem_type='deep', stem_width=32, avg_down=True)  # the 'd' variants: deep stem, avg-down
 
 
 @register_model
@@ -269,25 +275,25 @@ def hs_resnet152(pretrained: bool = False, **kwargs) -> HSResNet:
 @register_model
 def hs_resnet26d(pretrained: bool = False, **kwargs) -> HSResNet:
     """HS-ResNet-26-D: deep 3x3 stem (32-32-64) and avg-down shortcuts."""
-    return _create_hs_resnet('hs_resnet26d', 26, pretrained, kwargs, **_D)
+    return _create_hs_resnet('hs_resnet26d', 26, pretrained, kwargs, **D_VARIANT_KWARGS)
 
 
 @register_model
 def hs_resnet50d(pretrained: bool = False, **kwargs) -> HSResNet:
     """HS-ResNet-50-D (PaddleClas ``vd``): deep 3x3 stem (32-32-64) and avg-down shortcuts."""
-    return _create_hs_resnet('hs_resnet50d', 50, pretrained, kwargs, **_D)
+    return _create_hs_resnet('hs_resnet50d', 50, pretrained, kwargs, **D_VARIANT_KWARGS)
 
 
 @register_model
 def hs_resnet101d(pretrained: bool = False, **kwargs) -> HSResNet:
     """HS-ResNet-101-D: deep 3x3 stem (32-32-64) and avg-down shortcuts."""
-    return _create_hs_resnet('hs_resnet101d', 101, pretrained, kwargs, **_D)
+    return _create_hs_resnet('hs_resnet101d', 101, pretrained, kwargs, **D_VARIANT_KWARGS)
 
 
 @register_model
 def hs_resnet152d(pretrained: bool = False, **kwargs) -> HSResNet:
     """HS-ResNet-152-D: deep 3x3 stem (32-32-64) and avg-down shortcuts."""
-    return _create_hs_resnet('hs_resnet152d', 152, pretrained, kwargs, **_D)
+    return _create_hs_resnet('hs_resnet152d', 152, pretrained, kwargs, **D_VARIANT_KWARGS)
 
 
 @register_model
@@ -298,19 +304,19 @@ def hs_resnet50_18w_5s(pretrained: bool = False, **kwargs) -> HSResNet:
 
 @register_model
 def hs_resnet50_22w_4s(pretrained: bool = False, **kwargs) -> HSResNet:
-    """HS-ResNet-50, w=22, s=4: budget-matched to ResNet-50."""
+    """HS-ResNet-50, w=22, s=4: budget-matched to ResNet-50 (0.98x params, 1.01x MACs)."""
     return _create_hs_resnet('hs_resnet50_22w_4s', 50, pretrained, kwargs, w=22, s=4)
 
 
 @register_model
 def hs_resnet50_16w_6s(pretrained: bool = False, **kwargs) -> HSResNet:
-    """HS-ResNet-50, w=16, s=6: budget-matched to ResNet-50."""
+    """HS-ResNet-50, w=16, s=6: near ResNet-50's budget (1.05x params, 1.10x MACs)."""
     return _create_hs_resnet('hs_resnet50_16w_6s', 50, pretrained, kwargs, w=16, s=6)
 
 
 @register_model
 def hs_resnet50_12w_8s(pretrained: bool = False, **kwargs) -> HSResNet:
-    """HS-ResNet-50, w=12, s=8: budget-matched to ResNet-50."""
+    """HS-ResNet-50, w=12, s=8: near ResNet-50's budget (1.01x params, 1.06x MACs)."""
     return _create_hs_resnet('hs_resnet50_12w_8s', 50, pretrained, kwargs, w=12, s=8)
 
 
