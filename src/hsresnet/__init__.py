@@ -7,7 +7,18 @@ from .factory import create_model
 from .hsify import hsify
 from .layers import HSBlock, HSStridedBlock, hs_widths
 from .models import HSBottleneck, HSResNet
+from .optimize import optimize
 
 __version__ = '0.1.0'
 
-__all__ = ['create_model', 'hsify', 'HSBlock', 'HSStridedBlock', 'HSBottleneck', 'HSResNet', 'hs_widths', '__version__']
+__all__ = [
+    'create_model',
+    'hsify',
+    'HSBlock',
+    'HSStridedBlock',
+    'HSBottleneck',
+    'HSResNet',
+    'hs_widths',
+    'optimize',
+    '__version__',
+]

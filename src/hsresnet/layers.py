@@ -5,8 +5,6 @@ bottleneck. The exact arithmetic is fixed by ``shared/design/hs-block.md`` and d
 ``docs/architecture.md``.
 """
 
-from __future__ import annotations
-
 import inspect
 from typing import Callable, List, Optional
 
@@ -56,6 +54,19 @@ def adapt_norm_layer(norm_layer: Callable[..., nn.Module]) -> Callable[..., nn.M
     return norm_without_factory_kwargs
 
 
+def _can_write_outputs(x: torch.Tensor, act: nn.Module) -> bool:
+    """True in eager inference with a ReLU: nothing records gradients, traces (fx proxies, fake tensors, jit.trace),
+    compiles or exports the forward, so a block may write its activations into preallocated buffers with ``out=``
+    (the same numbers, fewer copies). Everything else sees the plain split/concat formulation."""
+    return (
+        type(act) is nn.ReLU
+        and type(x) is torch.Tensor
+        and not torch.is_grad_enabled()
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+    )
+
+
 class HSBlock(nn.Module):
     """The stride-1 Hierarchical-Split cascade (paper Sec. 3.1, Fig. 2).
 
@@ -99,6 +110,16 @@ class HSBlock(nn.Module):
         self.act = act_layer(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting() or not self._fast_path(x):
+            return self._forward_cat(x)
+        return self._forward_into_buffer(x)
+
+    @torch.jit.unused
+    def _fast_path(self, x: torch.Tensor) -> bool:
+        return _can_write_outputs(x, self.act)
+
+    def _forward_cat(self, x: torch.Tensor) -> torch.Tensor:
+        """The cascade with split/concat: differentiable, and what compilers and exporters see (they fuse it)."""
         groups = torch.split(x, self.width, dim=1)
         outs = [groups[0]]
         forwarded = groups[0]  # placeholder of the right type for TorchScript; replaced before first use
@@ -109,6 +130,27 @@ class HSBlock(nn.Module):
             outs.append(y[:, :keep])
             forwarded = y[:, keep:]
         return torch.cat(outs, dim=1)
+
+    @torch.jit.unused
+    def _forward_into_buffer(self, x: torch.Tensor) -> torch.Tensor:
+        """Eager inference without concat: the ReLU writes ``y_{i,1}`` straight into the preallocated output and
+        ``y_{i,2}`` straight behind ``x_{i+1}`` in the next conv's input, so each activation is written once."""
+        w, last = self.width, len(self.convs) - 1
+        out = torch.empty_like(x)  # keeps x's memory format (contiguous or channels_last)
+        out[:, :w] = x[:, :w]  # y_1 = x_1
+        inp, start = x[:, w : 2 * w], w
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            y = bn(conv(inp))
+            keep = self.out_widths[i]
+            if i == last:
+                torch.clamp_min(y, 0.0, out=out[:, start:])
+            else:
+                inp = torch.empty_like(x[:, : self.widths[i + 1]])  # cat(x_{i+1}, y_{i,2}), filled in place
+                inp[:, :w] = x[:, (i + 2) * w : (i + 3) * w]
+                torch.clamp_min(y[:, :keep], 0.0, out=out[:, start : start + keep])
+                torch.clamp_min(y[:, keep:], 0.0, out=inp[:, w:])
+            start += keep
+        return out
 
     def extra_repr(self) -> str:
         return f'width={self.width}, s={self.s}, widths={self.widths}'
@@ -157,7 +199,25 @@ class HSStridedBlock(nn.Module):
         if self.pool is None:
             return self.act(self.bn(self.conv(x)))
         identity, rest = x[:, : self.width], x[:, self.width :]
-        return torch.cat([self.pool(identity), self.act(self.bn(self.conv(rest)))], dim=1)
+        if torch.jit.is_scripting() or not self._fast_path(x):
+            return torch.cat([self.pool(identity), self.act(self.bn(self.conv(rest)))], dim=1)
+        return self._forward_into_buffer(identity, rest)
+
+    @torch.jit.unused
+    def _fast_path(self, x: torch.Tensor) -> bool:
+        return _can_write_outputs(x, self.act)
+
+    @torch.jit.unused
+    def _forward_into_buffer(self, identity: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        """Eager inference without concat: the ReLU writes the conv groups straight into the output buffer."""
+        y = self.bn(self.conv(rest))
+        n, _, h, w = y.shape
+        nhwc = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        fmt = torch.channels_last if nhwc else torch.contiguous_format
+        out = torch.empty((n, self.channels, h, w), dtype=y.dtype, device=y.device, memory_format=fmt)
+        out[:, : self.width] = self.pool(identity)
+        torch.clamp_min(y, 0.0, out=out[:, self.width :])
+        return out
 
     def extra_repr(self) -> str:
         return f'width={self.width}, s={self.s}, down={self.down!r}'

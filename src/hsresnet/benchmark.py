@@ -1,0 +1,519 @@
+"""Benchmark HS-ResNets against ResNet baselines in one run, every figure also as a ratio to timm's resnet50.
+
+In the spirit of timm's ``benchmark.py``: inference (``torch.inference_mode``) and training steps (forward, cross
+entropy, backward, SGD step), warm-up, then repeats that interleave the models (the order rotates every repeat),
+reporting medians. Per model: images/s, step time, peak memory per image, params, MACs per image and GMAC/s.
+The baselines (timm ``resnet50``, ``resnet50d``, ``res2net50_26w_4s``) and the deliberately plain reference HS
+block (``<model>@reference``, :mod:`hsresnet.reference`) run in the same process, so the ratios are measured,
+not claimed; ``--optimized`` adds ``<model>@optimized`` (:func:`hsresnet.optimize.optimize`, inference only).
+
+Conventions (also in docs/performance.md):
+- MACs: ``torch.utils.flop_counter.FlopCounterMode`` FLOPs / 2, which counts conv and matmul/linear only (not
+  norm, activation, pooling or add). Train MACs are 3x the forward
+  MACs (backward = 2x forward, the usual convention), the same for every implementation of a model.
+- Peak memory: CUDA: ``torch.cuda.max_memory_allocated`` during one step, above what was allocated before it.
+  CPU: the highest running total of the allocations and frees that ``torch.profiler`` (``profile_memory=True``)
+  records in one step, i.e. every tensor and kernel workspace allocated through PyTorch's CPU allocator, above the
+  weights (and optimizer state) allocated before it. Each step ends by freeing the gradients, so they count.
+- ``--sweep``: the paper's speed ablation (RQ3): the budget-matched presets and s = 2..8 at ResNet-50's budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BASELINES = ('resnet50', 'resnet50d', 'res2net50_26w_4s')
+RATIO_BASE = 'resnet50'
+SWEEP_PRESETS = {4: 'hs_resnet50_22w_4s', 5: 'hs_resnet50_18w_5s', 6: 'hs_resnet50_16w_6s', 8: 'hs_resnet50_12w_8s'}
+TRAIN_MAC_FACTOR = 3  # a training step = forward + backward; by convention 3x the forward MACs
+RATIO_KEYS = ('samples_per_sec', 'step_time_ms', 'gmac_per_sec', 'peak_mem_mb_per_image', 'param_count_m', 'gmacs')
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--model', '-m', nargs='+', default=['hs_resnet50'], help='registered timm/hsresnet models')
+    parser.add_argument(
+        '--baselines',
+        default=','.join(BASELINES),
+        help=f'comma-separated baseline models (default: %(default)s); '
+        f'{RATIO_BASE} is always added as the ratio reference',
+    )
+    parser.add_argument('--no-reference', action='store_true', help='skip the plain reference HS block models')
+    parser.add_argument('--optimized', action='store_true', help='add hsresnet.optimize(model) (inference only)')
+    parser.add_argument('--bench', choices=('inference', 'train', 'both'), default='both')
+    parser.add_argument('-b', '--batch-size', type=int, nargs='+', default=[8], help='one or more batch sizes')
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--num-classes', type=int, default=1000)
+    parser.add_argument('--amp', action='store_true', help='autocast to --amp-dtype')
+    parser.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), default='bfloat16')
+    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument(
+        '--torchcompile', nargs='?', const='default', default=None, metavar='MODE', help='torch.compile (mode)'
+    )
+    parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
+    parser.add_argument('--warmup', type=int, default=2, help='warm-up steps per model')
+    parser.add_argument('--iters', type=int, default=1, help='timed steps per repeat')
+    parser.add_argument('--repeats', type=int, default=5, help='interleaved repeats; the median is reported')
+    parser.add_argument('--no-memory', action='store_true', help='skip the peak memory measurement')
+    parser.add_argument('--sweep', action='store_true', help='speed ablation: presets and s = 2..8 at a fixed budget')
+    parser.add_argument('--plot', default=None, help='--sweep: PNG path (default: next to --results-file)')
+    parser.add_argument(
+        '--agreement',
+        default=None,
+        metavar='CHECKPOINT',
+        help='instead of timing: top-1 of a Fashion-MNIST '
+        'checkpoint (`hsresnet train`) in eager fp32 vs hsresnet.optimize(), and their top-1 agreement',
+    )
+    parser.add_argument('--results-file', default=None, help='write the results as JSON')
+    parser.add_argument('--csv', default=None, help='write the results as CSV')
+
+
+def run(args: argparse.Namespace) -> int:
+    import timm
+
+    import hsresnet  # noqa: F401  (registers the hs_resnet* models)
+
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('hsresnet benchmark: --device cuda but CUDA is not available; use --device cpu.')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.agreement:
+        result = fashion_mnist_agreement(args.agreement, device)
+        print(json.dumps(result, indent=2))
+        if args.results_file:
+            os.makedirs(os.path.dirname(os.path.abspath(args.results_file)), exist_ok=True)
+            with open(args.results_file, 'w') as f:
+                json.dump({'meta': machine_info(device, args), 'agreement': result}, f, indent=2)
+        return 0
+    if min(args.batch_size) < 1 or args.img_size < 32 or args.repeats < 1 or args.iters < 1:
+        raise SystemExit('hsresnet benchmark: -b, --repeats and --iters must be >= 1 and --img-size >= 32.')
+    known = set(timm.list_models())
+    if args.sweep:
+        specs = sweep_specs()
+    else:
+        baselines = [b for b in args.baselines.split(',') if b]
+        names = [RATIO_BASE] + [n for n in baselines + list(args.model) if n != RATIO_BASE]
+        specs = [{'name': n, 'model': n, 'kwargs': {}} for n in dict.fromkeys(names)]
+        for n in args.model:
+            if n.startswith('hs_') and not args.no_reference:
+                specs.append({'name': f'{n}@reference', 'model': n, 'kwargs': {}, 'reference': True})
+            if args.optimized:
+                specs.append({'name': f'{n}@optimized', 'model': n, 'kwargs': {}, 'optimized': True})
+    unknown = sorted({s['model'] for s in specs} - known)
+    if unknown:
+        raise SystemExit(f'hsresnet benchmark: unknown model(s) {unknown}; see timm.list_models("hs_*").')
+
+    meta = machine_info(device, args)
+    rows: List[Dict[str, Any]] = []
+    kinds = ('inference', 'train') if args.bench == 'both' else (args.bench,)
+    if args.sweep:
+        kinds = ('inference',)
+    for kind in kinds:
+        batch_sizes = sorted(set(args.batch_size) | ({1} if args.sweep else set()))
+        for batch in batch_sizes:
+            entries = [s for s in specs if not (kind == 'train' and s.get('optimized'))]
+            group = bench_group(entries, kind, batch, device, args)
+            print_table(group)
+            rows += group
+            meta['load_avg_after'] = _load_avg()
+            if args.results_file:  # after every group, so a long run keeps what it measured
+                os.makedirs(os.path.dirname(os.path.abspath(args.results_file)), exist_ok=True)
+                with open(args.results_file, 'w') as f:
+                    json.dump({'meta': meta, 'results': rows}, f, indent=2)
+    if args.results_file:
+        print(f'wrote {args.results_file}')
+    if args.csv:
+        write_csv(args.csv, rows)
+        print(f'wrote {args.csv}')
+    if args.sweep:
+        print_sweep_markdown(rows, specs, args.batch_size[0])
+        plot = args.plot or (os.path.splitext(args.results_file)[0] + '.png' if args.results_file else None)
+        if plot:
+            plot_sweep(rows, specs, args.batch_size[0], plot, meta)
+            print(f'wrote {plot}')
+    return 0
+
+
+def sweep_specs() -> List[Dict[str, Any]]:
+    """resnet50, the four budget-matched presets and, for the other s in 2..8, the w closest to ResNet-50's MACs."""
+    target = count_macs(_meta_model('resnet50', {}))
+    specs = [{'name': RATIO_BASE, 'model': RATIO_BASE, 'kwargs': {}}]
+    for s in range(2, 9):
+        if s in SWEEP_PRESETS:
+            specs.append({'name': SWEEP_PRESETS[s], 'model': SWEEP_PRESETS[s], 'kwargs': {}, 's': s})
+        else:
+            w = budget_width(s, target)
+            specs.append({'name': f'hs_resnet50_{w}w_{s}s', 'model': 'hs_resnet50', 'kwargs': {'w': w, 's': s}, 's': s})
+    return specs
+
+
+def budget_width(s: int, target_macs: float, w_values: Sequence[int] = range(4, 257)) -> int:
+    """The w whose HS-ResNet-50 MACs (224 px, the closed form of :mod:`hsresnet.complexity`) are closest to
+    ``target_macs``."""
+    from .complexity import hs_resnet_complexity
+
+    return min(w_values, key=lambda w: abs(hs_resnet_complexity(w, s, 50).macs - target_macs))
+
+
+def _meta_model(name: str, kwargs: Dict[str, Any]) -> nn.Module:
+    import timm
+
+    with torch.device('meta'):
+        return timm.create_model(name, **kwargs).eval()
+
+
+def count_macs(model: nn.Module, img_size: int = 224) -> float:
+    """Forward MACs per image: FlopCounterMode FLOPs / 2 on one image (conv + matmul only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(model.parameters())
+    x = torch.randn(1, 3, img_size, img_size, device=p.device, dtype=p.dtype)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 2
+
+
+def build(spec: Dict[str, Any], kind: str, device: torch.device, args: argparse.Namespace) -> nn.Module:
+    import timm
+
+    from .optimize import optimize
+    from .reference import to_reference
+
+    model = timm.create_model(spec['model'], num_classes=args.num_classes, **spec['kwargs'])
+    if spec.get('reference'):
+        to_reference(model)
+    model.to(device).train(kind == 'train')
+    if spec.get('optimized'):
+        return optimize(model, compile=args.torchcompile or False)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def bench_group(
+    specs: Sequence[Dict[str, Any]], kind: str, batch: int, device: torch.device, args: argparse.Namespace
+) -> List[Dict[str, Any]]:
+    """Build, warm up and time ``specs`` interleaved (the order rotates every repeat); one row per model."""
+    print(f'== {kind}, batch {batch}, {args.img_size} px, {device}: {", ".join(s["name"] for s in specs)}', flush=True)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    steps, rows = [], []
+    for spec in specs:
+        model = build(spec, kind, device, args)
+        base = model.model if spec.get('optimized') else model
+        macs = None
+        if not spec.get('optimized'):  # the optimized twin has the same arithmetic: filled in below
+            eval_copy = copy.deepcopy(base).float().eval()
+            macs = count_macs(eval_copy, args.img_size) * (TRAIN_MAC_FACTOR if kind == 'train' else 1)
+        params = sum(p.numel() for p in base.parameters())
+        step = make_step(
+            model, kind, batch, device, args, compiled=bool(args.torchcompile) and not spec.get('optimized')
+        )
+        for _ in range(args.warmup):
+            step()
+        sync()
+        rows.append(
+            {
+                'model': spec['name'],
+                'bench': kind,
+                'batch_size': batch,
+                'img_size': args.img_size,
+                'param_count_m': round(params / 1e6, 3),
+                'gmacs': macs / 1e9 if macs is not None else None,
+                's': spec.get('s'),
+            }
+        )
+        steps.append(step)
+    times: List[List[float]] = [[] for _ in specs]
+    for r in range(args.repeats):
+        for k in range(len(specs)):
+            i = (k + r) % len(specs)
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                steps[i]()
+            sync()
+            times[i].append((time.perf_counter() - start) / args.iters)
+    for i, row in enumerate(rows):
+        t = statistics.median(times[i])
+        if row['gmacs'] is None:  # the optimized model: same arithmetic as its eager twin
+            row['gmacs'] = next((r['gmacs'] for r in rows if r['model'] == row['model'].split('@')[0]), None)
+        row.update(step_time_ms=t * 1e3, step_time_ms_min=min(times[i]) * 1e3, samples_per_sec=batch / t)
+        row['gmac_per_sec'] = row['gmacs'] * batch / t if row['gmacs'] else None
+        peak = None if args.no_memory else peak_memory(steps[i], device)
+        row['peak_mem_mb_per_image'] = peak / batch / 2**20 if peak is not None else None
+    base = next((r for r in rows if r['model'] == RATIO_BASE), None)
+    for row in rows:
+        for key in RATIO_KEYS:
+            ok = base is not None and row.get(key) is not None and base.get(key)
+            row[f'{key}_ratio'] = row[key] / base[key] if ok else None
+    return rows
+
+
+def make_step(
+    model: nn.Module, kind: str, batch: int, device: torch.device, args: argparse.Namespace, compiled: bool
+) -> Callable[[], None]:
+    """One inference or training step on a fixed random batch (as timm's benchmark does)."""
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=fmt)
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if args.amp else nullcontext
+    run_model = torch.compile(model, mode=args.torchcompile) if compiled else model
+    if kind == 'inference':
+
+        def step() -> None:
+            with torch.inference_mode(), autocast():
+                run_model(x)
+
+        return step
+    target = torch.randint(0, args.num_classes, (batch,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
+
+    def train_step() -> None:
+        with autocast():
+            loss = F.cross_entropy(run_model(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)  # at the end: each step (and its memory profile) starts without grads
+
+    return train_step
+
+
+def peak_memory(step: Callable[[], None], device: torch.device) -> Optional[float]:
+    """Peak bytes allocated during one step, above what was allocated before it (see the module docstring)."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated(device) - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        events = prof.profiler.kineto_results.events()
+        allocs = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == '[memory]')
+    except (AttributeError, RuntimeError):  # the profiler's event API differs in this torch: no memory figure
+        return None
+    live = peak = 0
+    for _, nbytes in allocs:
+        live += nbytes
+        peak = max(peak, live)
+    return float(peak)
+
+
+def fashion_mnist_agreement(checkpoint: str, device: torch.device, batch_size: int = 250) -> Dict[str, Any]:
+    """Top-1 of eager fp32 and of :func:`hsresnet.optimize.optimize` (its defaults: bf16 where fast) on the whole
+    Fashion-MNIST test set (10k images), and the fraction of images where both predict the same class."""
+    from .classification.data import FASHION_MNIST_FILES, _find_idx, find_fashion_mnist, read_idx
+    from .classification.task import load_classifier
+    from .optimize import fast_bf16_available, optimize
+
+    model, meta = load_classifier(checkpoint)
+    model.to(device)
+    root = find_fashion_mnist()
+    images, labels = (read_idx(_find_idx(root, stem)) for stem in FASHION_MNIST_FILES['test'])
+    x = torch.from_numpy(images.copy()).float().div(255)[:, None]
+    size, chans = int(meta.get('img_size', 28)), int(meta.get('in_chans', 1))
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+    mean = torch.tensor(meta.get('mean', [0.0] * chans)).view(1, -1, 1, 1)
+    std = torch.tensor(meta.get('std', [1.0] * chans)).view(1, -1, 1, 1)
+    x = (x.expand(-1, chans, -1, -1) - mean) / std
+    y = torch.from_numpy(labels.astype('int64'))
+    fast = optimize(model)
+    preds = {'fp32': [], 'optimized': []}
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size].to(device)
+            preds['fp32'].append(model(xb).argmax(1).cpu())
+            preds['optimized'].append(fast(xb).argmax(1).cpu())
+    p32, popt = torch.cat(preds['fp32']), torch.cat(preds['optimized'])
+    return {
+        'checkpoint': meta.get('checkpoint', checkpoint),
+        'model': meta.get('model'),
+        'images': len(y),
+        'bf16': fast_bf16_available(device),
+        'top1_fp32': 100 * (p32 == y).float().mean().item(),
+        'top1_optimized': 100 * (popt == y).float().mean().item(),
+        'agreement': 100 * (p32 == popt).float().mean().item(),
+    }
+
+
+def machine_info(device: torch.device, args: argparse.Namespace) -> Dict[str, Any]:
+    import timm
+
+    cpu = platform.processor()
+    try:
+        cpu = next(ln.split(':', 1)[1].strip() for ln in open('/proc/cpuinfo') if ln.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    info = {
+        'date_utc': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M'),
+        'device': str(device),
+        'cpu': cpu,
+        'cpu_count': os.cpu_count(),
+        'torch_threads': torch.get_num_threads(),
+        'torch': torch.__version__,
+        'timm': timm.__version__,
+        'python': platform.python_version(),
+        'load_avg_before': _load_avg(),
+        'args': {k: v for k, v in vars(args).items() if k != 'func'},
+        'conventions': 'MACs = FlopCounterMode FLOPs / 2 (conv + matmul); ratios to resnet50 in the same run',
+    }
+    if device.type == 'cuda':
+        info['gpu'] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _load_avg() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return '-'
+    if isinstance(v, float):
+        return f'{v:.{digits}f}'
+    return str(v)
+
+
+def print_table(rows: List[Dict[str, Any]]) -> None:
+    """One line per model: absolute figures, then the ratios to resnet50 (x)."""
+    head = (
+        'model',
+        'bench',
+        'b',
+        'img/s',
+        'step ms',
+        'GMAC/s',
+        'MB/img',
+        'M params',
+        'GMACs',
+        'img/s x',
+        'GMAC/s x',
+        'MB/img x',
+    )
+    lines = [head]
+    for r in rows:
+        lines.append(
+            (
+                r['model'],
+                r['bench'],
+                str(r['batch_size']),
+                _fmt(r['samples_per_sec']),
+                _fmt(r['step_time_ms'], 1),
+                _fmt(r['gmac_per_sec']),
+                _fmt(r['peak_mem_mb_per_image'], 1),
+                _fmt(r['param_count_m']),
+                _fmt(r['gmacs'], 3),
+                _fmt(r['samples_per_sec_ratio'], 3),
+                _fmt(r['gmac_per_sec_ratio'], 3),
+                _fmt(r['peak_mem_mb_per_image_ratio'], 3),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for line in lines:
+        print('  '.join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+
+
+def write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _sweep_points(rows: List[Dict[str, Any]], specs: Sequence[Dict[str, Any]], batch: int) -> List[Dict[str, Any]]:
+    """Per s: the throughput row at ``batch`` and the latency row at batch 1."""
+    points = []
+    for spec in specs:
+        if spec.get('s') is None:
+            continue
+        thr = next(r for r in rows if r['model'] == spec['name'] and r['batch_size'] == batch)
+        lat = next(r for r in rows if r['model'] == spec['name'] and r['batch_size'] == 1)
+        points.append({'s': spec['s'], 'name': spec['name'], 'thr': thr, 'lat': lat})
+    return points
+
+
+def print_sweep_markdown(rows: List[Dict[str, Any]], specs: Sequence[Dict[str, Any]], batch: int) -> None:
+    base_thr = next(r for r in rows if r['model'] == RATIO_BASE and r['batch_size'] == batch)
+    base_lat = next(r for r in rows if r['model'] == RATIO_BASE and r['batch_size'] == 1)
+    print(
+        f'\n| model | s | M params | GMACs | latency b=1 (ms) | x resnet50 | img/s b={batch} | x resnet50 | '
+        f'GMAC/s b={batch} | x resnet50 |'
+    )
+    print('|---|---|---|---|---|---|---|---|---|---|')
+    for p in [{'s': '-', 'name': RATIO_BASE, 'thr': base_thr, 'lat': base_lat}] + _sweep_points(rows, specs, batch):
+        t, lt = p['thr'], p['lat']
+        print(
+            f'| {p["name"]} | {p["s"]} | {t["param_count_m"]:.1f} | {t["gmacs"]:.2f} | {lt["step_time_ms"]:.1f} | '
+            f'{lt["step_time_ms_ratio"]:.2f} | {t["samples_per_sec"]:.1f} | {t["samples_per_sec_ratio"]:.2f} | '
+            f'{t["gmac_per_sec"]:.1f} | {t["gmac_per_sec_ratio"]:.2f} |'
+        )
+
+
+def plot_sweep(
+    rows: List[Dict[str, Any]], specs: Sequence[Dict[str, Any]], batch: int, path: str, meta: Dict[str, Any]
+) -> None:
+    """GMAC/s, throughput and batch-1 latency against s, with resnet50 as a dashed line."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    points = _sweep_points(rows, specs, batch)
+    base_thr = next(r for r in rows if r['model'] == RATIO_BASE and r['batch_size'] == batch)
+    base_lat = next(r for r in rows if r['model'] == RATIO_BASE and r['batch_size'] == 1)
+    s = [p['s'] for p in points]
+    panels = [
+        (f'GMAC/s (batch {batch})', [p['thr']['gmac_per_sec'] for p in points], base_thr['gmac_per_sec']),
+        (f'images/s (batch {batch})', [p['thr']['samples_per_sec'] for p in points], base_thr['samples_per_sec']),
+        ('latency, batch 1 (ms)', [p['lat']['step_time_ms'] for p in points], base_lat['step_time_ms']),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (title, ys, base) in zip(axes, panels):
+        ax.plot(s, ys, 'o-', label='HS-ResNet-50 at ResNet-50 budget')
+        ax.axhline(base, color='grey', ls='--', label='resnet50')
+        ax.set_xlabel('split count s')
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(
+        f'HS-ResNet-50 speed vs s: {meta["device"]} ({meta["cpu"]}, {meta["torch_threads"]} threads), '
+        f'{meta["date_utc"]} UTC',
+        fontsize=9,
+    )
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))

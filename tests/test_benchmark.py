@@ -1,0 +1,87 @@
+"""`hsresnet benchmark`: a real (tiny) run through the CLI, its ratios, files and the budget solver."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from hsresnet.benchmark import _meta_model, budget_width, count_macs, peak_memory, plot_sweep
+from hsresnet.cli import main
+
+
+def test_benchmark_cli_inference_and_train(tmp_path, capsys):
+    out = tmp_path / 'r.json'
+    args = ['benchmark', '-m', 'hs_resnet26', '--baselines', '', '--optimized', '-b', '2', '--img-size', '32',
+            '--warmup', '1', '--repeats', '2', '--threads', '1', '--num-classes', '10',
+            '--results-file', str(out), '--csv', str(tmp_path / 'r.csv')]  # fmt: skip
+    assert main(args) == 0
+    data = json.loads(out.read_text())
+    rows = {(r['model'], r['bench']): r for r in data['results']}
+    assert set(rows) == {
+        ('resnet50', 'inference'), ('hs_resnet26', 'inference'), ('hs_resnet26@reference', 'inference'),
+        ('hs_resnet26@optimized', 'inference'), ('resnet50', 'train'), ('hs_resnet26', 'train'),
+        ('hs_resnet26@reference', 'train'),
+    }  # fmt: skip
+    base = rows['resnet50', 'inference']
+    assert base['samples_per_sec_ratio'] == pytest.approx(1.0) and base['gmac_per_sec_ratio'] == pytest.approx(1.0)
+    hs, ref = rows['hs_resnet26', 'inference'], rows['hs_resnet26@reference', 'inference']
+    assert hs['gmacs'] == pytest.approx(ref['gmacs']) and hs['param_count_m'] == ref['param_count_m']
+    assert hs['gmacs'] < base['gmacs']  # a 26-layer net on a 10-class head costs less than ResNet-50
+    for r in data['results']:
+        assert r['samples_per_sec'] > 0 and r['step_time_ms'] > 0
+        assert r['samples_per_sec'] == pytest.approx(r['batch_size'] / r['step_time_ms'] * 1e3)
+        assert r['gmac_per_sec'] == pytest.approx(r['gmacs'] * r['samples_per_sec'])
+        assert r['peak_mem_mb_per_image'] > 0
+        assert r['samples_per_sec_ratio'] == pytest.approx(
+            r['samples_per_sec'] / rows['resnet50', r['bench']]['samples_per_sec']
+        )
+    assert rows['hs_resnet26', 'train']['gmacs'] == pytest.approx(3 * hs['gmacs'])
+    assert data['meta']['torch'] == torch.__version__ and data['meta']['device'] == 'cpu'
+    with open(tmp_path / 'r.csv') as f:
+        assert len(list(csv.DictReader(f))) == len(data['results'])
+    printed = capsys.readouterr().out
+    assert 'hs_resnet26@reference' in printed and 'GMAC/s x' in printed
+
+
+def test_benchmark_refuses_unknown_model():
+    with pytest.raises(SystemExit, match='unknown model'):
+        main(['benchmark', '-m', 'hs_resnet_does_not_exist', '--baselines', ''])
+
+
+def test_budget_width_matches_resnet50_budget():
+    """The w closest to ResNet-50's MACs (4.09 G): the spec's presets for s = 4 and 5, and within 10 % for all s."""
+    from hsresnet.complexity import hs_resnet_complexity
+
+    target = count_macs(_meta_model('resnet50', {}))
+    assert target == pytest.approx(4.09e9, rel=0.01)
+    assert budget_width(4, target) == 22
+    assert budget_width(5, target) == 18
+    widths = [budget_width(s, target) for s in range(2, 9)]
+    assert widths == sorted(widths, reverse=True)  # more groups, narrower groups
+    for s, w in zip(range(2, 9), widths):
+        assert hs_resnet_complexity(w, s, 50).macs == pytest.approx(target, rel=0.1)
+
+
+def test_peak_memory_counts_a_known_allocation():
+    def step():
+        a = torch.empty(4 * 2**20, dtype=torch.uint8)  # 4 MiB, freed at return
+        b = torch.empty(2 * 2**20, dtype=torch.uint8)
+        del a, b
+
+    peak = peak_memory(step, torch.device('cpu'))
+    assert 6 * 2**20 <= peak < 7 * 2**20
+
+
+def test_plot_sweep_writes_png(tmp_path):
+    rows, specs = [], [{'name': 'resnet50'}]
+    for name, s, scale in [('resnet50', None, 1.0), ('a', 2, 0.9), ('b', 5, 0.8)]:
+        if s is not None:
+            specs.append({'name': name, 's': s})
+        for batch in (1, 8):
+            rows.append({'model': name, 'batch_size': batch, 'gmac_per_sec': 10 * scale,
+                         'samples_per_sec': batch * scale, 'step_time_ms': 100 / scale})  # fmt: skip
+    path = tmp_path / 'sweep.png'
+    meta = {'device': 'cpu', 'cpu': 'test', 'torch_threads': 1, 'date_utc': 'now'}
+    plot_sweep(rows, specs, 8, str(path), meta)
+    assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
