@@ -13,7 +13,15 @@ from typing import List, Optional
 
 # command -> (module, one-line help)
 COMMANDS = {
+    'train': ('hsresnet.classification.train', 'train and evaluate an image classifier (default: Fashion-MNIST)'),
+    'validate': ('hsresnet.classification.validate', 'top-1/top-5 of a checkpoint on a dataset, confusion matrix'),
+    'predict': ('hsresnet.classification.predict', 'top-k labels of images or a folder, as JSON'),
+    'export': ('hsresnet.classification.export', 'export a checkpoint to safetensors, TorchScript and ONNX'),
     'complexity': ('hsresnet.complexity_cli', 'params/MACs of HS-ResNets: the w x s grid and the budget solver'),
+    'benchmark': ('hsresnet.benchmark', 'speed/memory/MACs vs resnet50 baselines (ratios), --sweep over s'),
+    'segment': ('hsresnet.segmentation.cli', 'semantic segmentation (DeepLabV3+): train, eval, predict'),
+    'detect': ('hsresnet.detection.cli', 'Faster/Mask R-CNN detection and instance segmentation: train, eval, predict'),
+    'data': ('hsresnet.prepare', 'data prepare: small real datasets (tree crowns, nuclei) from package wheels'),
 }
 
 

@@ -1,0 +1,101 @@
+"""Export a trained classifier to safetensors, TorchScript and ONNX; each export is checked on the way out.
+
+TorchScript is compared with the eager model; ONNX is run with onnxruntime and compared with the eager model (a
+mismatch is an error, no silent bad file). ``export.json`` records the classes and the preprocessing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from ..engine import CheckpointError, save_weights, write_json
+from .task import load_classifier
+
+FORMATS = ('safetensors', 'torchscript', 'onnx')
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('checkpoint', help='a .safetensors checkpoint from `hsresnet train`, or its run directory.')
+    parser.add_argument('--output', required=True, help='folder for model.safetensors, model.ts and model.onnx.')
+    parser.add_argument('--formats', nargs='+', default=list(FORMATS), choices=FORMATS, help='what to export.')
+    parser.add_argument('--opset', type=int, default=18, help='ONNX opset.')
+    parser.add_argument('--atol', type=float, default=1e-4, help='tolerance of the output checks (x max |logit|).')
+
+
+def _check(name: str, expected: torch.Tensor, got: torch.Tensor, atol: float) -> float:
+    err = float((expected - got).abs().max())
+    tol = atol * max(1.0, float(expected.abs().max()))
+    if err > tol:
+        raise ValueError(f'{name} export differs from the PyTorch model by {err:.3g} (> {tol:.3g}); not trusted.')
+    return err
+
+
+def export(args: argparse.Namespace) -> Dict[str, Any]:
+    model, meta = load_classifier(args.checkpoint)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    c, s = int(meta.get('in_chans', 3)), int(meta.get('img_size', 224))
+    example = torch.randn(2, c, s, s, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(example)
+    report: Dict[str, Any] = {'model': meta['model'], 'input_shape': [-1, c, s, s], 'files': {}, 'max_abs_err': {}}
+    if 'safetensors' in args.formats:
+        keep = {k: v for k, v in meta.items() if not k.startswith('_') and k not in ('token', 'checkpoint')}
+        report['files']['safetensors'] = str(save_weights(out / 'model.safetensors', model.state_dict(), keep))
+    if 'torchscript' in args.formats:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # jit deprecation and the input-check TracerWarning: checked below
+            traced = torch.jit.trace(model, example[:1], check_trace=False)
+        path = out / 'model.ts'
+        traced.save(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            loaded = torch.jit.load(str(path))
+        with torch.no_grad():
+            report['max_abs_err']['torchscript'] = _check('TorchScript', expected, loaded(example), args.atol)
+        report['files']['torchscript'] = str(path)
+    if 'onnx' in args.formats:
+        report['max_abs_err']['onnx'] = export_onnx(model, example, expected, out / 'model.onnx', args)
+        report['files']['onnx'] = str(out / 'model.onnx')
+    report['preprocessing'] = {k: meta.get(k) for k in ('img_size', 'mean', 'std', 'crop_pct', 'interpolation')}
+    report['classes'] = meta.get('classes')
+    write_json(out / 'export.json', report)
+    return report
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, expected: torch.Tensor, path: Path, args) -> float:
+    """torch.onnx (dynamo exporter) with a dynamic batch axis, then an onnxruntime run on a batch of 2."""
+    import onnxruntime as ort
+
+    batch = torch.export.Dim('batch', min=1, max=4096)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=['input'],
+        output_names=['logits'],
+        dynamic_shapes=({0: batch},),
+        opset_version=args.opset,
+        dynamo=True,
+        external_data=False,
+    )
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    (got,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})
+    return _check('ONNX (onnxruntime)', expected, torch.from_numpy(got), args.atol)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        report = export(args)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        print(f'hsresnet export: error: {err}', file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in report.items() if k != 'classes'}, indent=2))
+    return 0

@@ -1,0 +1,49 @@
+"""Train an image classifier (default: a small HS-ResNet on Fashion-MNIST) and evaluate it.
+
+Flags follow timm's train.py; a YAML recipe given with -c sets defaults that typed flags override. Works under
+`torchrun --nproc_per_node N hsresnet train ...` (DDP). Writes to --output: last/best checkpoints (safetensors +
+training state), metrics.csv, tb/ (TensorBoard), curves.png and summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..engine import (
+    CheckpointError,
+    add_config_argument,
+    add_engine_arguments,
+    fit,
+    resolve_config,
+    track_explicit_flags,
+)
+from .task import ClassificationTask, add_data_arguments, add_model_arguments
+
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, FloatingPointError)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    track_explicit_flags(parser)
+    add_config_argument(parser)
+    add_model_arguments(parser)
+    add_data_arguments(parser, training=True)
+    add_engine_arguments(parser)
+    parser.set_defaults(_parser=parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = resolve_config(args, getattr(args, '_parser', None))
+        from ..engine.distributed import init_distributed
+
+        info = init_distributed(cfg.device)
+        task = ClassificationTask(cfg, log=print if info.is_main else (lambda _msg: None))
+        summary = fit(task, cfg)
+    except USER_ERRORS as err:
+        print(f'hsresnet train: error: {err}', file=sys.stderr)
+        return 2
+    if info.is_main:
+        print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
+    return 0

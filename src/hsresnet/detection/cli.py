@@ -1,0 +1,285 @@
+"""Object detection and instance segmentation (Faster R-CNN / Mask R-CNN + FPN): ``hsresnet detect train|eval|predict``.
+
+train   trains on a COCO-format dataset (annotations/instances_<split>.json + <split>/ images) or a Pascal VOC
+        folder with the shared engine (checkpoints, --resume, torchrun DDP, CSV/TensorBoard/PNG logs, summary.json).
+eval    COCO box (and mask) AP of a checkpoint on the val split (torchrun works too).
+predict detects on images: overlay PNGs (boxes with labels and scores, masks in colour) and predictions.json.
+
+The model settings (detector, backbone, sizes, classes) are stored in every checkpoint, so eval and predict need
+only --checkpoint. See docs/detection.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import torch
+
+from ..engine import (
+    CheckpointError,
+    add_config_argument,
+    add_engine_arguments,
+    check_compatible,
+    fit,
+    init_distributed,
+    load_weights,
+    make_loader,
+    parse_kwargs,
+    resolve_config,
+    track_explicit_flags,
+    write_json,
+)
+from ..engine.distributed import cleanup_distributed
+from .datasets import collate_fn
+from .models import DETECTORS, create_detector
+from .predict import find_images, predict_images
+from .task import DetectionTask, build_dataset, class_names_of, detector_kwargs, evaluate_detector
+
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, FloatingPointError, ImportError)
+
+# torchvision's detection recipe: SGD 0.02 for a batch of 16, 26 epochs with steps at 16 and 22 (the 2x schedule
+# halves that), warm-up
+TRAIN_DEFAULTS = dict(
+    output='runs/detect',
+    epochs=26,
+    batch_size=2,
+    lr_base=0.02,
+    lr_base_size=16,
+    sched='multistep',
+    decay_milestones=[16, 22],
+    decay_rate=0.1,
+    warmup_epochs=1,
+    warmup_lr=1e-4,
+    weight_decay=1e-4,
+)
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('model')
+    g.add_argument(
+        '--model',
+        default='fasterrcnn_hs_resnet50_fpn',
+        choices=sorted(DETECTORS),
+        help='detector (default: fasterrcnn_hs_resnet50_fpn); Mask R-CNN needs instance masks.',
+    )
+    g.add_argument(
+        '--backbone',
+        default='hs_resnet50',
+        help='timm backbone: an hs_resnet* model or a baseline (resnet50, resnet50d, res2net50_26w_4s).',
+    )
+    g.add_argument(
+        '--backbone-kwargs',
+        nargs='*',
+        default=[],
+        metavar='K=V',
+        help='timm.create_model kwargs of the backbone (e.g. w=16 s=6).',
+    )
+    g.add_argument(
+        '--backbone-checkpoint',
+        default=None,
+        help='classification weights (.safetensors from `hsresnet train`) for the backbone, strict keys.',
+    )
+    g.add_argument(
+        '--trainable-layers',
+        type=int,
+        default=None,
+        help='backbone stages trained, 0-5 (default as torchvision: 3 with --backbone-checkpoint, else 5).',
+    )
+    g.add_argument(
+        '--frozen-bn',
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help='FrozenBatchNorm2d in the backbone (default: on with --backbone-checkpoint, else off).',
+    )
+    g.add_argument('--fpn-channels', type=int, default=256, help='FPN width (default 256).')
+    g.add_argument('--box-head-dim', type=int, default=1024, help='width of the two-FC box head (default 1024).')
+    g.add_argument('--mask-head-channels', type=int, default=256, help='width of the mask head convs (default 256).')
+    g.add_argument(
+        '--min-size',
+        type=int,
+        nargs='+',
+        default=[800],
+        help='shorter side the detector resizes to; several = random per training image (default 800).',
+    )
+    g.add_argument('--max-size', type=int, default=1333, help='cap on the longer side (default 1333).')
+    g.add_argument(
+        '--anchor-sizes',
+        type=int,
+        nargs=5,
+        default=None,
+        metavar='PX',
+        help='anchor size per FPN level P2-P6 (default torchvision: 32 64 128 256 512).',
+    )
+    g.add_argument('--detections-per-img', type=int, default=100, help='max detections per image (default 100).')
+    g.add_argument('--score-thresh', type=float, default=0.05, help='drop detections below this score (eval).')
+    g.add_argument(
+        '--detector-kwargs',
+        nargs='*',
+        default=[],
+        metavar='K=V',
+        help='more torchvision FasterRCNN/MaskRCNN kwargs, e.g. box_batch_size_per_image=128.',
+    )
+
+
+def _add_data_arguments(p: argparse.ArgumentParser, train: bool) -> None:
+    g = p.add_argument_group('data')
+    g.add_argument(
+        '--data',
+        default=None,
+        help='dataset root: COCO layout (annotations/instances_<split>.json and '
+        '<split>/) or Pascal VOC (Annotations/, JPEGImages/, ImageSets/Main/<split>.txt).',
+    )
+    if train:
+        g.add_argument('--train-split', default='train', help='training split (default: train; COCO: train2017).')
+        g.add_argument('--train-ann', default=None, help='a COCO JSON for training (instead of --data).')
+        g.add_argument('--train-images', default=None, help='the image folder of --train-ann.')
+        g.add_argument(
+            '--skip-empty',
+            action='store_true',
+            help='drop training images without annotations (default: keep them as negatives).',
+        )
+        g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (default 0.5).')
+        g.add_argument('--vflip', type=float, default=0.0, help='vertical flip probability (aerial/microscopy).')
+    g.add_argument('--val-split', default='val', help='evaluation split (default: val; COCO: val2017).')
+    g.add_argument('--val-ann', default=None, help='a COCO JSON for evaluation (instead of --data).')
+    g.add_argument('--val-images', default=None, help='the image folder of --val-ann.')
+    g.add_argument('--eval-batch-size', type=int, default=None, help='evaluation batch size (default: -b).')
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest='action', metavar='ACTION', required=True)
+
+    train = sub.add_parser(
+        'train',
+        help='train Faster R-CNN / Mask R-CNN (shared engine)',
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    track_explicit_flags(train)
+    add_config_argument(train)
+    _add_model_arguments(train)
+    _add_data_arguments(train, train=True)
+    add_engine_arguments(train)
+    train.set_defaults(**TRAIN_DEFAULTS, _parser=train)
+
+    ev = sub.add_parser(
+        'eval',
+        help='COCO box/mask AP of a checkpoint',
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument('--checkpoint', required=True, help='run directory, checkpoint stem or .safetensors file.')
+    _add_data_arguments(ev, train=False)
+    ev.add_argument('-b', '--batch-size', type=int, default=2, help='batch size (default: 2).')
+    ev.add_argument('-j', '--workers', type=int, default=2, help='data loading processes.')
+    ev.add_argument('--output', default=None, help='write the metrics to this JSON file.')
+    _add_runtime_arguments(ev)
+
+    pr = sub.add_parser(
+        'predict',
+        help='detect on images: overlay PNGs and predictions.json',
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pr.add_argument('--checkpoint', required=True, help='run directory, checkpoint stem or .safetensors file.')
+    pr.add_argument('inputs', nargs='+', help='image files or folders of images.')
+    pr.add_argument('--output', default='runs/detect_predict', help='folder for the PNGs and predictions.json.')
+    pr.add_argument('--score-thresh', type=float, default=0.5, help='keep detections with at least this score.')
+    _add_runtime_arguments(pr)
+
+
+def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--device', default='auto', help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda'.")
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch).')
+
+
+def load_detector_checkpoint(path: str) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """Rebuild the detector a checkpoint was trained as (from its header) and load its weights strictly."""
+    weights, meta = load_weights(path)
+    if meta.get('task') != 'detection':
+        raise ValueError(
+            f'{path} is not a detection checkpoint (task={meta.get("task")!r}): pass a run directory or '
+            f'.safetensors file written by `hsresnet detect train`.'
+        )
+    model = create_detector(meta['model'], **detector_kwargs(meta, int(meta['num_classes'])))
+    check_compatible(model, weights, str(path), meta)
+    model.load_state_dict(weights)
+    return model.eval(), meta
+
+
+def _log_to_stderr() -> None:
+    log = logging.getLogger('hsresnet')
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter('%(name)s: %(message)s'))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args, args._parser)
+    cfg.backbone_kwargs = parse_kwargs(cfg.backbone_kwargs)
+    cfg.detector_kwargs = parse_kwargs(cfg.detector_kwargs)
+    summary = fit(DetectionTask(cfg), cfg)
+    keys = [k for k in ('bbox_AP', 'bbox_AP50', 'segm_AP', 'segm_AP50', 'train_time_s') if k in summary]
+    print(json.dumps({k: summary[k] for k in keys + [k for k in summary if k.startswith('best_')]}))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    info = init_distributed(args.device)
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model, meta = load_detector_checkpoint(args.checkpoint)
+        cfg = argparse.Namespace(**{**vars(args), 'hflip': 0.0, 'vflip': 0.0, 'skip_empty': False})
+        masks = meta['model'].startswith('maskrcnn')
+        dataset = build_dataset(cfg, 'val', train=False, masks=masks, classes=class_names_of(meta))
+        if dataset.class_names != class_names_of(meta):
+            raise ValueError(
+                f'the data has classes {dataset.class_names} but the checkpoint was trained on {class_names_of(meta)}.'
+            )
+        loader = make_loader(
+            dataset, args.eval_batch_size or args.batch_size, False, info, workers=args.workers, collate_fn=collate_fn
+        )
+        metrics = evaluate_detector(model.to(info.device), loader)
+        if info.is_main:
+            print(json.dumps(metrics, indent=2))
+            if args.output:
+                write_json(args.output, {'checkpoint': str(args.checkpoint), 'images': len(dataset), **metrics})
+    finally:
+        cleanup_distributed()
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from ..engine.distributed import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, meta = load_detector_checkpoint(args.checkpoint)
+    paths = find_images(args.inputs)
+    records = predict_images(
+        model, paths, Path(args.output), class_names_of(meta), resolve_device(args.device), args.score_thresh
+    )
+    n = sum(len(r['detections']) for r in records)
+    print(
+        f'{len(records)} images, {n} detections with score >= {args.score_thresh}: overlays and predictions.json '
+        f'in {args.output}'
+    )
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    _log_to_stderr()
+    action = {'train': _train, 'eval': _eval, 'predict': _predict}[args.action]
+    try:
+        return action(args)
+    except USER_ERRORS as err:
+        print(f'hsresnet detect {args.action}: error: {err}', file=sys.stderr)
+        return 2

@@ -1,0 +1,53 @@
+"""The task-agnostic training engine shared by classification, detection and segmentation.
+
+A task object (see ``engine.task``) supplies the model, loaders, loss and metrics; ``fit(task, cfg)`` does the rest:
+torchrun/DDP, timm optimizer and scheduler, AMP, gradient accumulation, EMA, atomic checkpoints and ``--resume``,
+progress bars, CSV/TensorBoard/PNG records and the final JSON summary. A command builds its parser with
+``track_explicit_flags`` + ``add_config_argument`` + its own flags + ``add_engine_arguments``, then calls
+``resolve_config(args, parser)`` (YAML under typed flags) and ``fit``.
+"""
+
+from .checkpoint import CheckpointError, check_compatible, load_checkpoint, load_weights, save_checkpoint, save_weights
+from .config import (
+    add_config_argument,
+    add_engine_arguments,
+    config_to_dict,
+    load_yaml_config,
+    parse_kwargs,
+    resolve_config,
+    track_explicit_flags,
+)
+from .distributed import DistInfo, ShardSampler, init_distributed, make_loader, seed_everything
+from .fit import autocast, count_params, fit, to_device
+from .logs import RunLogger, plot_curves, write_csv, write_json
+from .task import Task
+
+__all__ = [
+    'CheckpointError',
+    'DistInfo',
+    'RunLogger',
+    'ShardSampler',
+    'Task',
+    'add_config_argument',
+    'add_engine_arguments',
+    'autocast',
+    'check_compatible',
+    'config_to_dict',
+    'count_params',
+    'fit',
+    'init_distributed',
+    'load_checkpoint',
+    'load_weights',
+    'load_yaml_config',
+    'make_loader',
+    'parse_kwargs',
+    'plot_curves',
+    'resolve_config',
+    'save_checkpoint',
+    'save_weights',
+    'seed_everything',
+    'to_device',
+    'track_explicit_flags',
+    'write_csv',
+    'write_json',
+]

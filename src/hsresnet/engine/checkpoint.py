@@ -1,0 +1,147 @@
+"""Atomic checkpoints: model weights as safetensors plus the training state as a ``torch.save`` file.
+
+A checkpoint named ``<dir>/last`` is the pair ``last.safetensors`` (weights, with JSON metadata) and
+``last.state.pt`` (epoch, step, optimizer, scheduler, EMA, RNG states, the resolved config, the metric history).
+Each file is written to a temporary name, flushed and then renamed over the old one (``os.replace``), so a kill at
+any moment leaves the previous checkpoint or the new one, never half a file. Both files carry the same random token,
+so a pair mixed from two saves is detected. Loading uses ``safetensors`` and ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT = 'hsresnet-checkpoint-v1'
+WEIGHTS_SUFFIX = '.safetensors'
+STATE_SUFFIX = '.state.pt'
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, truncated, foreign, or made for another model."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename onto ``path``; the temporary file is removed on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    try:
+        write(tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: Optional[Dict] = None) -> Path:
+    """Write a state_dict as safetensors, atomically; ``metadata`` (JSON-able) goes in the header."""
+    path = Path(path)
+    tensors = {k: v.detach().to('cpu').contiguous().clone() for k, v in state_dict.items()}
+    meta = {'format': FORMAT, 'meta': json.dumps(metadata or {}, default=str)}
+    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    return path
+
+
+def load_weights(path: str | Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Read a safetensors file -> (state_dict, metadata). A checkpoint stem or a run directory also works."""
+    path = resolve_checkpoint_path(path, WEIGHTS_SUFFIX)
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), 'pt') as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(
+            f'{path} is not a readable safetensors file ({err}); it may be truncated or not a weights file. '
+            'Pass an intact .safetensors checkpoint.'
+        ) from None
+    try:
+        meta = json.loads(header.get('meta', '{}'))
+    except json.JSONDecodeError:
+        meta = {}
+    meta['_format'] = header.get('format')
+    return tensors, meta
+
+
+def resolve_checkpoint_path(path: str | Path, suffix: str = WEIGHTS_SUFFIX) -> Path:
+    """Accept a run directory (-> its ``last``), a stem (``runs/x/last``) or a full file name."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / 'last'
+    name = p.name
+    for s in (WEIGHTS_SUFFIX, STATE_SUFFIX):
+        if name.endswith(s):
+            p = p.with_name(name[: -len(s)])
+            break
+    p = p.with_name(p.name + suffix)
+    if not p.is_file():
+        raise CheckpointError(f'checkpoint file {p} does not exist: pass a run directory, a checkpoint stem or file.')
+    return p
+
+
+def save_checkpoint(stem: str | Path, model: nn.Module, state: Dict[str, Any], metadata: Dict[str, Any]) -> None:
+    """Save ``<stem>.safetensors`` (weights of ``model``) and ``<stem>.state.pt`` (``state``), each atomically."""
+    stem = Path(stem)
+    token = uuid.uuid4().hex
+    state = {**state, 'format': FORMAT, 'token': token}
+    save_weights(stem.with_name(stem.name + WEIGHTS_SUFFIX), model.state_dict(), {**metadata, 'token': token})
+    _atomic_write(stem.with_name(stem.name + STATE_SUFFIX), lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Dict[str, Any]]:
+    """Load a training checkpoint -> (weights, training state, metadata); refuse anything inconsistent."""
+    weights, meta = load_weights(path)
+    state_path = resolve_checkpoint_path(path, STATE_SUFFIX)
+    try:
+        state = torch.load(state_path, map_location='cpu', weights_only=True)
+    except Exception as err:  # torch raises many types for truncated/foreign pickles
+        raise CheckpointError(
+            f'{state_path} is not a readable training state ({type(err).__name__}: {str(err)[:200]}); it may be '
+            'truncated or foreign. Resume from an intact checkpoint written by `hsresnet train`.'
+        ) from None
+    if not isinstance(state, dict) or state.get('format') != FORMAT or meta.get('_format') != FORMAT:
+        raise CheckpointError(f'{state_path} is not an hsresnet training checkpoint (format {FORMAT!r} expected).')
+    if state.get('token') != meta.get('token'):
+        raise CheckpointError(
+            f'{state_path} and its weights file come from different saves (the run was killed between the two '
+            'renames); resume from another checkpoint (e.g. best) or restart the run.'
+        )
+    return weights, state, meta
+
+
+def check_compatible(model: nn.Module, weights: Mapping[str, torch.Tensor], source: str, meta: Dict) -> None:
+    """Raise ``CheckpointError`` naming the difference when ``weights`` do not fit ``model`` exactly."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [
+        f'{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}'
+        for k, v in own.items()
+        if k in weights and tuple(weights[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        what = meta.get('model', 'an unknown model')
+        details = '; '.join(
+            part
+            for part in (
+                f'missing keys {missing[:5]}' if missing else '',
+                f'unexpected keys {unexpected[:5]}' if unexpected else '',
+                f'shape mismatches {shapes[:3]}' if shapes else '',
+            )
+            if part
+        )
+        raise CheckpointError(
+            f'checkpoint {source} (made for {what}, num_classes={meta.get("num_classes")}) does not fit the model '
+            f'being built: {details}. Use the same --model, --model-kwargs and class count as the run that saved it.'
+        )

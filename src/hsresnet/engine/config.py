@@ -1,0 +1,195 @@
+"""The run configuration: argparse flags with timm's names, a YAML file (``-c``) underneath, CLI flags on top.
+
+Precedence (low to high): the parser defaults, the YAML file given with ``-c/--config``, the flags typed on the
+command line. The resolved config is a plain ``argparse.Namespace``; ``config_to_dict`` turns it into the dict that
+is saved in checkpoints and summaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Sequence
+
+import yaml
+
+_EXPLICIT = '_explicit_flags'
+
+
+def _tracked(action_cls: type) -> type:
+    """Subclass an argparse action so that it records its ``dest`` as set on the command line."""
+
+    class Tracked(action_cls):  # type: ignore[misc, valid-type]
+        def __call__(self, parser, namespace, values, option_string=None):
+            explicit = set(getattr(namespace, _EXPLICIT, set()))
+            explicit.add(self.dest)
+            setattr(namespace, _EXPLICIT, explicit)
+            super().__call__(parser, namespace, values, option_string)
+
+    Tracked.__name__ = f'Tracked{action_cls.__name__}'
+    return Tracked
+
+
+def track_explicit_flags(parser: argparse.ArgumentParser) -> None:
+    """Make every argument added to ``parser`` after this call remember when the user typed it.
+
+    Must be called before the ``add_argument`` calls; ``resolve_config`` then lets typed flags override the YAML.
+    """
+    for name, cls in (
+        (None, argparse._StoreAction),
+        ('store', argparse._StoreAction),
+        ('store_true', argparse._StoreTrueAction),
+        ('store_false', argparse._StoreFalseAction),
+        ('store_const', argparse._StoreConstAction),
+        ('append', argparse._AppendAction),
+        (argparse.BooleanOptionalAction, argparse.BooleanOptionalAction),
+    ):
+        parser.register('action', name, _tracked(cls))
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        '-c',
+        '--config',
+        default=None,
+        metavar='YAML',
+        help='YAML file of defaults (keys are flag names, dashes or underscores); flags typed on the command line '
+        'override it.',
+    )
+
+
+def parse_kwargs(items: Optional[Iterable[str]]) -> Dict[str, Any]:
+    """``['w=16', 'channels=[16,32,64,128]']`` -> ``{'w': 16, 'channels': [16, 32, 64, 128]}`` (values read as YAML)."""
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        if isinstance(item, dict):
+            out.update(item)
+            continue
+        key, sep, value = str(item).partition('=')
+        if not sep or not key.strip():
+            raise ValueError(f'--model-kwargs expects key=value pairs (e.g. w=16 s=4), got {item!r}.')
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def load_yaml_config(path: str | Path) -> Dict[str, Any]:
+    """Read a YAML recipe; keys may use dashes or underscores. Raises ValueError with the fix when it is unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f'config file {path} does not exist: pass an existing YAML file to -c/--config.')
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f'config file {path} is not valid YAML: {err}') from None
+    if not isinstance(data, dict):
+        raise ValueError(f'config file {path} must hold a mapping of flag names to values, not {type(data).__name__}.')
+    return {str(k).replace('-', '_'): v for k, v in data.items()}
+
+
+def resolve_config(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
+    """Apply the YAML file named by ``args.config`` under the flags the user typed, and return the merged namespace.
+
+    Unknown YAML keys are an error that lists them (a typo in a recipe must not be silently ignored).
+    """
+    cfg = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != _EXPLICIT})
+    path = getattr(args, 'config', None)
+    if not path:
+        return cfg
+    explicit = getattr(args, _EXPLICIT, set())
+    data = load_yaml_config(path)
+    known = set(vars(cfg))
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(
+            f'config file {path} has unknown keys {unknown}; valid keys are the flag names of this command '
+            f'(see --help), e.g. {sorted(known)[:8]} ...'
+        )
+    for key, value in data.items():
+        if key not in explicit:
+            if key == 'model_kwargs' and isinstance(value, dict):
+                value = [f'{k}={yaml.safe_dump(v, default_flow_style=True).strip()}' for k, v in value.items()]
+            if parser is not None:
+                value = _coerce(parser, key, value)
+            setattr(cfg, key, value)
+    return cfg
+
+
+def _coerce(parser: argparse.ArgumentParser, dest: str, value: Any) -> Any:
+    """Convert a YAML value with the argument's ``type`` (so '1e-3' or 3 become floats where the flag wants one)."""
+    for action in parser._actions:
+        if action.dest == dest and action.type is not None and value is not None:
+            if isinstance(value, (list, tuple)):
+                return [action.type(v) for v in value]
+            return action.type(value)
+    return value
+
+
+def config_to_dict(cfg: argparse.Namespace, skip: Sequence[str] = ()) -> Dict[str, Any]:
+    """The config as a JSON/YAML-friendly dict (paths and tuples become strings and lists)."""
+    out: Dict[str, Any] = {}
+    for key, value in sorted(vars(cfg).items()):
+        if key.startswith('_') or key in skip or callable(value):
+            continue
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[key] = value
+    return out
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every training task shares (timm's names). Call ``track_explicit_flags(parser)`` first."""
+    group = parser.add_argument_group('training (engine)')
+    group.add_argument(
+        '--output', default='runs/train', help='run directory: checkpoints, CSV, TensorBoard, PNG, JSON.'
+    )
+    group.add_argument('--overwrite', action='store_true', help='start a fresh run even if --output has a checkpoint.')
+    group.add_argument('--resume', default=None, metavar='PATH', help='continue from a checkpoint (run dir or file).')
+    group.add_argument('--epochs', type=int, default=10, help='number of epochs to train.')
+    group.add_argument('-b', '--batch-size', type=int, default=128, help='batch size per process.')
+    group.add_argument('--grad-accum-steps', type=int, default=1, help='micro-batches accumulated per optimizer step.')
+    group.add_argument('--opt', default='sgd', help="timm optimizer name ('sgd', 'momentum', 'adamw', 'lamb' ...).")
+    group.add_argument(
+        '--lr',
+        type=float,
+        default=None,
+        help='learning rate; when omitted, lr = --lr-base * global batch / --lr-base-size (linear scaling rule).',
+    )
+    group.add_argument('--lr-base', type=float, default=0.1, help='learning rate for a global batch of --lr-base-size.')
+    group.add_argument('--lr-base-size', type=int, default=256, help='global batch size that --lr-base refers to.')
+    group.add_argument('--momentum', type=float, default=0.9, help='SGD momentum.')
+    group.add_argument('--weight-decay', type=float, default=1e-4, help='weight decay (not on norms and biases).')
+    group.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm to this value.')
+    group.add_argument('--sched', default='cosine', help="timm scheduler ('cosine', 'step', 'multistep', 'poly' ...).")
+    group.add_argument('--warmup-epochs', type=float, default=0, help='linear warm-up length in epochs.')
+    group.add_argument('--warmup-lr', type=float, default=1e-5, help='learning rate at the start of the warm-up.')
+    group.add_argument('--min-lr', type=float, default=0.0, help='floor of the schedule.')
+    group.add_argument('--decay-epochs', type=float, default=90, help='step length for --sched step.')
+    group.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270], help='for multistep.')
+    group.add_argument('--decay-rate', type=float, default=0.1, help='lr factor at each step (step/multistep).')
+    group.add_argument(
+        '--sched-on-epochs', action='store_true', help='update the lr once per epoch (default: every optimizer step).'
+    )
+    group.add_argument('--amp', action='store_true', help='mixed precision (bf16 on the CPU, --amp-dtype on GPUs).')
+    group.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'], help='dtype for --amp.')
+    group.add_argument('--channels-last', action='store_true', help='use the channels_last memory format.')
+    group.add_argument(
+        '--torchcompile',
+        nargs='?',
+        const='inductor',
+        default=None,
+        help='torch.compile the model (optionally name the backend; default inductor).',
+    )
+    group.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (timm ModelEmaV3).')
+    group.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay per optimizer step.')
+    group.add_argument('--seed', type=int, default=42, help='random seed.')
+    group.add_argument(
+        '--deterministic', action='store_true', help='deterministic algorithms (a resumed run then matches exactly).'
+    )
+    group.add_argument('-j', '--workers', type=int, default=2, help='data loading processes per training process.')
+    group.add_argument('--device', default='auto', help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda'.")
+    group.add_argument('--eval-interval', type=int, default=1, help='evaluate every N epochs (and after the last).')
+    group.add_argument('--no-progress', action='store_true', help='no progress bars (log lines only).')
+    group.add_argument('--no-tensorboard', action='store_true', help='do not write TensorBoard events.')
+    group.add_argument('--threads', type=int, default=None, help='torch CPU threads per process (default: torch).')

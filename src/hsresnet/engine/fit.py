@@ -1,0 +1,384 @@
+"""The training loop shared by every task: ``fit(task, cfg)``.
+
+It owns distribution (torchrun env, DDP, rank-0 side effects), the timm optimizer and scheduler, AMP, gradient
+accumulation, EMA, checkpoints and resume, progress bars and run records. The task supplies the model, the loaders,
+the loss and the metrics (see ``engine.task``).
+
+Determinism and resume: every epoch starts by seeding Python, NumPy and torch from (seed, epoch, rank) and the
+sampler and loader generator from (seed, epoch), and a checkpoint is written after every epoch. A run killed in the
+middle of epoch e therefore resumes from the end of epoch e - 1 and replays epoch e exactly: with
+``--deterministic`` the final weights equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint, save_weights
+from .config import config_to_dict
+from .distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from .logs import RunLogger, write_json
+
+
+def log(info: DistInfo, msg: str) -> None:
+    """Print on rank 0 without breaking a progress bar."""
+    if info.is_main:
+        from tqdm import tqdm
+
+        tqdm.write(msg)
+
+
+def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Move every tensor in a (nested) batch to ``device``; 4-D float tensors become channels_last on request."""
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device, non_blocking=True)
+        if channels_last and batch.dim() == 4 and batch.is_floating_point():
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device, channels_last) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
+    return batch
+
+
+def batch_size_of(task: Any, batch: Any) -> int:
+    if hasattr(task, 'batch_size'):
+        return int(task.batch_size(batch))
+    first = batch
+    while isinstance(first, (list, tuple, dict)):
+        first = next(iter(first.values())) if isinstance(first, dict) else first[0]
+    return len(first)
+
+
+def autocast(cfg: Any, device: torch.device):
+    """The autocast context of ``--amp`` (bf16 on the CPU; ``--amp-dtype`` on GPUs), or a no-op."""
+    if not cfg.amp:
+        return nullcontext()
+    dtype = torch.bfloat16 if device.type == 'cpu' else getattr(torch, cfg.amp_dtype)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_config(cfg: Any) -> None:
+    """Refuse values the loop cannot run with, naming the flag."""
+    for name in ('epochs', 'batch_size', 'grad_accum_steps'):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(cfg, name)}.')
+    if cfg.workers < 0:
+        raise ValueError(f'--workers must be >= 0, got {cfg.workers}.')
+
+
+def fit(task: Any, cfg: Any) -> Dict[str, Any]:
+    """Train ``task`` as configured by ``cfg`` (see ``add_engine_arguments``); return the final summary dict.
+
+    Under torchrun every process calls ``fit``; all return the summary, rank 0 alone writes files.
+    """
+    check_config(cfg)
+    info = init_distributed(cfg.device)
+    try:
+        return _fit(task, cfg, info)
+    finally:
+        cleanup_distributed()
+
+
+def _fit(task: Any, cfg: Any, info: DistInfo) -> Dict[str, Any]:
+    start_wall = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    seed_everything(cfg.seed + info.rank)
+    output = Path(cfg.output)
+    device = info.device
+
+    # Everything that can refuse the run happens before anything is written.
+    resume_state: Optional[Dict[str, Any]] = None
+    model = task.build_model()
+    if cfg.resume:
+        weights, resume_state, meta = load_checkpoint(cfg.resume)
+        check_compatible(model, weights, str(cfg.resume), meta)
+        model.load_state_dict(weights)
+    elif (output / 'last.safetensors').exists() and not cfg.overwrite:
+        raise ValueError(
+            f'{output} already holds a checkpoint: pass --resume {output} to continue it, --overwrite to start over, '
+            'or another --output.'
+        )
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_loader, val_loader = task.build_loaders(info)
+    if len(train_loader) == 0:
+        raise ValueError('the training loader is empty: the dataset holds fewer samples than one batch (-b).')
+
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    accum = cfg.grad_accum_steps
+    global_batch = cfg.batch_size * info.world_size * accum
+    lr = cfg.lr if cfg.lr is not None else cfg.lr_base * global_batch / cfg.lr_base_size
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    updates_per_epoch = math.ceil(len(train_loader) / accum)
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=cfg.sched,
+        num_epochs=cfg.epochs,
+        decay_epochs=cfg.decay_epochs,
+        decay_milestones=cfg.decay_milestones,
+        decay_rate=cfg.decay_rate,
+        min_lr=cfg.min_lr,
+        warmup_lr=cfg.warmup_lr,
+        warmup_epochs=cfg.warmup_epochs,
+        step_on_epochs=cfg.sched_on_epochs,
+        updates_per_epoch=updates_per_epoch,
+    )
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+
+    start_epoch, global_step, best, history, elapsed, images_seen, train_time = 0, 0, None, [], 0.0, 0, 0.0
+    if resume_state is not None:
+        try:
+            optimizer.load_state_dict(resume_state['optimizer'])
+            if resume_state.get('scheduler') is not None:
+                scheduler.load_state_dict(resume_state['scheduler'])
+            if ema is not None:
+                if resume_state.get('ema') is None:
+                    raise CheckpointError('the checkpoint has no EMA weights but --model-ema is on')
+                ema.module.load_state_dict(resume_state['ema'])
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise CheckpointError(
+                f'cannot restore the training state of {cfg.resume} ({err}); resume with the optimizer, scheduler '
+                'and EMA settings of the run that saved it.'
+            ) from None
+        set_rng_state(resume_state['rng'])
+        start_epoch, global_step = int(resume_state['epoch']), int(resume_state['global_step'])
+        best, history = resume_state.get('best'), list(resume_state.get('history', []))
+        elapsed = float(resume_state.get('elapsed', 0.0))
+        images_seen, train_time = int(resume_state.get('images_seen', 0)), float(resume_state.get('train_time', 0.0))
+        log(info, f'resumed from {cfg.resume}: {start_epoch} epochs done, step {global_step}')
+
+    train_model: nn.Module = model
+    if cfg.torchcompile:
+        train_model = torch.compile(model, backend=cfg.torchcompile)
+    ddp: Optional[DistributedDataParallel] = None
+    if info.distributed:
+        ddp = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == 'cuda' else None)
+        train_model = ddp
+    use_scaler = cfg.amp and device.type == 'cuda' and cfg.amp_dtype == 'float16'
+    scaler = torch.amp.GradScaler('cuda', enabled=use_scaler)
+
+    if info.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        write_json(output / 'config.json', config_to_dict(cfg))
+    logger = RunLogger(
+        output, task.main_metric, enabled=info.is_main, history=history, tensorboard=not cfg.no_tensorboard
+    )
+    n_params = count_params(model)
+    log(
+        info,
+        f'{n_params / 1e6:.2f} M params; {info.world_size} process(es) on {device}; global batch {global_batch}; '
+        f'lr {lr:.4g}; {cfg.epochs} epochs x {updates_per_epoch} steps',
+    )
+    main = task.main_metric
+    final_metrics: Dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        epoch_start = time.time()
+        seed_everything(cfg.seed + 1_000_003 * (epoch + 1) + info.rank)
+        if hasattr(train_loader.sampler, 'set_epoch'):
+            train_loader.sampler.set_epoch(epoch)
+        if getattr(train_loader, 'generator', None) is not None:
+            train_loader.generator.manual_seed(cfg.seed + epoch)
+        if hasattr(task, 'on_epoch_start'):
+            task.on_epoch_start(epoch)
+        stats, n_images, t_train = _train_one_epoch(
+            task,
+            cfg,
+            info,
+            train_model,
+            model,
+            ddp,
+            optimizer,
+            scheduler,
+            scaler,
+            ema,
+            train_loader,
+            epoch,
+            global_step,
+        )
+        global_step += updates_per_epoch
+        if cfg.sched_on_epochs:
+            scheduler.step(epoch + 1)
+        images_seen += n_images * info.world_size
+        train_time += t_train
+        row: Dict[str, Any] = {'epoch': epoch + 1, 'lr': optimizer.param_groups[0]['lr']}
+        row.update({f'train_{k}': all_reduce_mean(v, info) for k, v in stats.items()})
+        row['train_images_per_s'] = n_images * info.world_size / max(t_train, 1e-9)
+        if (epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs:
+            final_metrics = _evaluate_all(task, cfg, model, ema, val_loader, device)
+            row.update({f'val_{k}': v for k, v in final_metrics.items()})
+            score = final_metrics.get(f'ema_{main}', final_metrics.get(main))
+            if score is not None and (best is None or score > best['score']):
+                best = {'score': float(score), 'epoch': epoch + 1}
+                if info.is_main:
+                    best_weights = (ema.module if ema is not None else model).state_dict()
+                    save_weights(output / 'model_best.safetensors', best_weights, _meta(task, cfg, epoch + 1))
+        row['epoch_time_s'] = time.time() - epoch_start
+        logger.log_epoch(row)
+        log(info, 'epoch ' + ' '.join(f'{k}={_fmt(v)}' for k, v in row.items()))
+        if info.is_main:
+            state = {
+                'epoch': epoch + 1,
+                'global_step': global_step,
+                'optimizer': optimizer.state_dict(),
+                'scheduler': scheduler.state_dict(),
+                'ema': ema.module.state_dict() if ema is not None else None,
+                'rng': rng_state(),
+                'config': config_to_dict(cfg),
+                'best': best,
+                'history': logger.history,
+                'elapsed': elapsed + time.time() - start_wall,
+                'images_seen': images_seen,
+                'train_time': train_time,
+            }
+            save_checkpoint(output / 'last', model, state, _meta(task, cfg, epoch + 1))
+        barrier()
+
+    if not final_metrics:  # resumed a finished run: evaluate once for the summary
+        final_metrics = _evaluate_all(task, cfg, model, ema, val_loader, device)
+    summary = _summary(task, cfg, info, model, ema, final_metrics, best, n_params, global_batch, lr)
+    summary.update(
+        images_per_s=images_seen / max(train_time, 1e-9),
+        train_time_s=train_time,
+        wall_time_s=elapsed + time.time() - start_wall,
+    )
+    if info.is_main:
+        save_weights(output / 'model.safetensors', model.state_dict(), _meta(task, cfg, cfg.epochs))
+        if ema is not None:
+            save_weights(output / 'model_ema.safetensors', ema.module.state_dict(), _meta(task, cfg, cfg.epochs))
+        write_json(output / 'summary.json', summary)
+        log(info, 'summary ' + ' '.join(f'{k}={_fmt(v)}' for k, v in summary.items() if not isinstance(v, dict)))
+    logger.close()
+    return summary
+
+
+def _fmt(v: Any) -> str:
+    return f'{v:.4g}' if isinstance(v, float) else str(v)
+
+
+def _meta(task: Any, cfg: Any, epoch: int) -> Dict[str, Any]:
+    meta = dict(task.metadata()) if hasattr(task, 'metadata') else {}
+    meta.setdefault('model', getattr(cfg, 'model', None))
+    meta['epoch'] = epoch
+    return meta
+
+
+def _train_one_epoch(
+    task, cfg, info, train_model, model, ddp, optimizer, scheduler, scaler, ema, loader, epoch, global_step
+):
+    """One pass over ``loader``; returns (mean of each step output, images seen by this rank, seconds)."""
+    from tqdm import tqdm
+
+    train_model.train()
+    accum, n = cfg.grad_accum_steps, len(loader)
+    sums: Dict[str, float] = {}
+    n_images, t0 = 0, time.time()
+    bar = tqdm(
+        total=n, desc=f'epoch {epoch + 1}/{cfg.epochs}', unit='batch', disable=cfg.no_progress or not info.is_main
+    )
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(loader):
+        batch = to_device(batch, info.device, cfg.channels_last)
+        n_images += batch_size_of(task, batch)
+        last_micro = (i + 1) % accum == 0 or i + 1 == n
+        sync = ddp.no_sync() if (ddp is not None and not last_micro) else nullcontext()
+        with sync:
+            with autocast(cfg, info.device):
+                out = task.training_step(train_model, batch)
+            loss = out['loss']
+            if not torch.isfinite(loss.detach()):
+                raise FloatingPointError(
+                    f'the loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}: lower --lr, add warm-up '
+                    '(--warmup-epochs) or gradient clipping (--clip-grad).'
+                )
+            scaler.scale(loss / accum).backward()
+        if last_micro:
+            if cfg.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            if ema is not None:
+                ema.update(model, step=global_step)
+            if not cfg.sched_on_epochs:
+                scheduler.step_update(num_updates=global_step)
+        for k, v in out.items():
+            if torch.is_tensor(v) and v.numel() == 1:
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        rate = n_images * info.world_size / max(time.time() - t0, 1e-9)
+        bar.set_postfix(
+            loss=f'{sums["loss"] / (i + 1):.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.3g}', img_s=f'{rate:.0f}'
+        )
+        bar.update()
+    bar.close()
+    return {k: v / max(n, 1) for k, v in sums.items()}, n_images, time.time() - t0
+
+
+@torch.no_grad()
+def _evaluate_all(task, cfg, model, ema, loader, device) -> Dict[str, float]:
+    """Metrics of the model, and of its EMA (prefixed ``ema_``) when there is one."""
+    out: Dict[str, float] = {}
+    targets = [('', model)] + ([('ema_', ema.module)] if ema is not None else [])
+    for prefix, net in targets:
+        was_training = net.training
+        net.eval()
+        with autocast(cfg, device):
+            metrics = task.evaluate(net, loader)
+        net.train(was_training)
+        out.update({f'{prefix}{k}': float(v) for k, v in metrics.items()})
+    return out
+
+
+def _summary(task, cfg, info, model, ema, metrics, best, n_params, global_batch, lr) -> Dict[str, Any]:
+    """The final JSON: the metrics of the delivered model (the EMA when there is one), params and extras."""
+    final = {k[4:]: v for k, v in metrics.items() if k.startswith('ema_')} if ema is not None else dict(metrics)
+    summary: Dict[str, Any] = {**final}
+    if ema is not None:
+        summary['model_without_ema'] = {k: v for k, v in metrics.items() if not k.startswith('ema_')}
+    summary.update(
+        {
+            f'best_{task.main_metric}': best['score'] if best else None,
+            'best_epoch': best['epoch'] if best else None,
+            'params': n_params,
+            'epochs': cfg.epochs,
+            'world_size': info.world_size,
+            'global_batch': global_batch,
+            'lr': lr,
+            'device': str(info.device),
+        }
+    )
+    if hasattr(task, 'summary_extras'):
+        summary.update(task.summary_extras(ema.module if ema is not None else model))
+    return summary

@@ -1,0 +1,154 @@
+"""DeepLabV3+ (Chen et al., arXiv 1802.02611) over any timm backbone, as in the HS-ResNet paper's Cityscapes runs.
+
+The head is segmentation_models_pytorch's ``DeepLabV3Plus`` and the encoder its timm-universal ``tu-<model>``,
+so HS-ResNet and the baselines (``resnet50``, ``resnet50d``, ``res2net50_26w_4s``) get the same head, the same
+output stride and the same schedule: comparisons differ only in the backbone. HS-ResNet builds its own dilation
+(``output_stride``) at construction, which smp's encoders pass straight to ``timm.create_model``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+import segmentation_models_pytorch as smp
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import freeze_batch_norm_2d
+
+import hsresnet  # noqa: F401  (registers the hs_resnet* models into timm)
+
+from .data import pad_to_multiple
+
+__all__ = [
+    'deeplabv3plus',
+    'deeplabv3plus_hs_resnet50',
+    'backbone_mean_std',
+    'load_backbone_checkpoint',
+    'freeze_stages',
+    'predict_logits',
+    'BASELINES',
+]
+
+BASELINES = ('resnet50', 'resnet50d', 'res2net50_26w_4s')
+STAGES = ('conv1', 'bn1', 'layer1', 'layer2', 'layer3', 'layer4')  # timm ResNet names; stem = conv1 + bn1
+
+
+def backbone_mean_std(backbone: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Input normalisation (mean, std) from the backbone's timm pretrained config (ImageNet's when it has none)."""
+    cfg = timm.models.get_pretrained_cfg(backbone)
+    mean = getattr(cfg, 'mean', None) or IMAGENET_DEFAULT_MEAN
+    std = getattr(cfg, 'std', None) or IMAGENET_DEFAULT_STD
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def deeplabv3plus(
+    backbone: str = 'hs_resnet50',
+    num_classes: int = 19,
+    output_stride: int = 16,
+    checkpoint: Optional[str | Path] = None,
+    frozen_bn: bool = False,
+    trainable_layers: int = 5,
+    decoder_channels: int = 256,
+    **backbone_kwargs: Any,
+) -> smp.DeepLabV3Plus:
+    """DeepLabV3+ with the timm model ``backbone`` as encoder (random init, no download).
+
+    Args:
+        backbone: any timm model name with five stages at strides 2-32: a registered ``hs_resnet*`` or a baseline.
+        num_classes: output classes (19 for Cityscapes).
+        output_stride: 16 (paper default, dilated stage 4) or 8 (dilated stages 3 and 4).
+        checkpoint: a classification checkpoint (safetensors, timm keys) loaded into the encoder, strictly.
+        frozen_bn: turn the encoder's BatchNorm into ``FrozenBatchNorm2d`` (after loading the checkpoint).
+        trainable_layers: 0-5 encoder stages left trainable, counted from ``layer4`` back to the stem, as in
+            torchvision's detection builders (5 = all).
+        **backbone_kwargs: forwarded to ``timm.create_model`` (``w``, ``s``, ``drop_path_rate`` ...).
+    """
+    if output_stride not in (8, 16):
+        raise ValueError(f'DeepLabV3+: output_stride={output_stride!r} is invalid; choose 16 (default) or 8.')
+    if not timm.is_model(backbone):
+        raise ValueError(
+            f'Unknown backbone {backbone!r}: use a timm model name, e.g. hs_resnet50 or one of {BASELINES} '
+            f'(`timm.list_models("hs_resnet*")` lists the HS-ResNets).'
+        )
+    if num_classes < 1:
+        raise ValueError(f'num_classes={num_classes} must be >= 1.')
+    model = smp.DeepLabV3Plus(
+        encoder_name=f'tu-{backbone}',
+        encoder_weights=None,
+        encoder_output_stride=output_stride,
+        decoder_channels=decoder_channels,
+        classes=num_classes,
+        **backbone_kwargs,
+    )
+    if checkpoint is not None:
+        load_backbone_checkpoint(model, checkpoint, backbone)
+    if frozen_bn:
+        model.encoder.model = freeze_batch_norm_2d(model.encoder.model)
+    freeze_stages(model, trainable_layers)
+    model.backbone_name = backbone
+    model.mean, model.std = backbone_mean_std(backbone)
+    return model
+
+
+def deeplabv3plus_hs_resnet50(num_classes: int = 19, output_stride: int = 16, **kwargs: Any) -> smp.DeepLabV3Plus:
+    """DeepLabV3+ on HS-ResNet-50 (w=18, s=5), output stride 16 by default: the paper's Cityscapes model."""
+    return deeplabv3plus('hs_resnet50', num_classes, output_stride, **kwargs)
+
+
+def freeze_stages(model: smp.DeepLabV3Plus, trainable_layers: int) -> None:
+    """Stop gradients to all but the last ``trainable_layers`` encoder stages (stem counts as one; 5 = all)."""
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f'trainable_layers={trainable_layers} must be in 0..5 (5 = the whole encoder trains).')
+    trainable = ('layer4', 'layer3', 'layer2', 'layer1', 'conv1')[:trainable_layers]
+    if 'conv1' in trainable:
+        trainable += ('bn1',)
+    for name, param in model.encoder.model.named_parameters():
+        if not name.startswith(trainable) and name.split('.')[0] in STAGES:
+            param.requires_grad_(False)
+
+
+def load_backbone_checkpoint(model: smp.DeepLabV3Plus, path: str | Path, backbone: str = '') -> None:
+    """Load a classification checkpoint (safetensors of a timm model's ``state_dict``) into the encoder.
+
+    The classifier (``fc.*`` for ResNets, the pretrained config's ``classifier``) is dropped; every other key must
+    match the encoder's keys and shapes exactly, else a ``ValueError`` lists the differences.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'Backbone checkpoint {path} does not exist.')
+    if path.suffix != '.safetensors':
+        raise ValueError(f'Backbone checkpoint {path} must be a .safetensors file (the classification weights).')
+    state = load_file(str(path))
+    state = {k.removeprefix('module.'): v for k, v in state.items()}
+    encoder: nn.Module = model.encoder.model
+    expected = encoder.state_dict()
+    cfg = timm.models.get_pretrained_cfg(backbone) if backbone else None
+    classifier = getattr(cfg, 'classifier', None) or 'fc'
+    state = {k: v for k, v in state.items() if not k.startswith(f'{classifier}.')}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong_shape:
+        detail = '; '.join(
+            f'{label} ({len(keys)}): {", ".join(keys[:5])}{" ..." if len(keys) > 5 else ""}'
+            for label, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong_shape))
+            if keys
+        )
+        raise ValueError(
+            f'Backbone checkpoint {path} does not fit the {backbone or "encoder"} encoder: {detail}. '
+            f'Use a checkpoint of the same model and variant (w, s, down, stem) as --backbone.'
+        )
+    encoder.load_state_dict(state, strict=True)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Logits ``(N, C, H, W)`` of normalised images of any size: pads to the encoder's stride, crops back."""
+    h, w = images.shape[-2:]
+    stride = getattr(getattr(model, 'encoder', None), 'output_stride', 32)
+    padded, _ = pad_to_multiple(images, None, stride)
+    return model(padded)[..., :h, :w]

@@ -1,0 +1,115 @@
+"""Segmentation predictions a person can look at: overlay PNGs, palette mask PNGs and a JSON of class fractions."""
+
+from __future__ import annotations
+
+import colorsys
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .data import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IMAGE_SUFFIXES, _to_rgb8
+from .models import predict_logits
+
+__all__ = ['palette_for', 'overlay', 'find_images', 'predict_images']
+
+BACKGROUND_NAMES = ('background', 'bg', 'void', 'unlabeled')
+
+
+def palette_for(class_names: Sequence[str]) -> List[Tuple[int, int, int]]:
+    """Cityscapes' own colours for its 19 classes, else well-separated hues (background drawn black)."""
+    if tuple(class_names) == CITYSCAPES_CLASSES:
+        return list(CITYSCAPES_PALETTE)
+    colours = []
+    for i, name in enumerate(class_names):
+        if name.lower() in BACKGROUND_NAMES:
+            colours.append((0, 0, 0))
+            continue
+        r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 1.0)  # golden-ratio hue steps
+        colours.append((round(r * 255), round(g * 255), round(b * 255)))
+    return colours
+
+
+def overlay(image: Image.Image, labels: np.ndarray, palette: Sequence[Tuple[int, int, int]], alpha: float = 0.5):
+    """The image with each non-background pixel blended with its class colour."""
+    rgb = np.asarray(image.convert('RGB'), dtype=np.float32)
+    colours = np.asarray(palette, dtype=np.float32)[labels]
+    painted = colours.any(axis=-1, keepdims=True)  # background is black in ``palette_for``: left unpainted
+    out = np.where(painted, (1 - alpha) * rgb + alpha * colours, rgb)
+    return Image.fromarray(out.round().astype(np.uint8))
+
+
+def find_images(inputs: Iterable[str | Path]) -> List[Path]:
+    """Image files named directly or found (sorted, not recursively) in the folders named."""
+    found: List[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f'input {path} does not exist: pass image files or folders of images.')
+    if not found:
+        raise FileNotFoundError(f'no images ({", ".join(IMAGE_SUFFIXES)}) in {[str(i) for i in inputs]}.')
+    return found
+
+
+def _load_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert('RGB') if im.mode in ('RGB', 'L', 'P', 'RGBA', 'LA', 'CMYK') else _to_rgb8(im)
+    except OSError as err:
+        raise ValueError(f'{path} is not a readable image ({err}).') from None
+
+
+@torch.no_grad()
+def predict_images(
+    model: nn.Module,
+    paths: Sequence[Path],
+    out_dir: str | Path,
+    class_names: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: Optional[torch.device] = None,
+    alpha: float = 0.5,
+) -> Dict[str, Any]:
+    """Segment each image at full resolution; write ``<stem>_overlay.png`` and ``<stem>_mask.png`` (a palette PNG
+    whose pixel values are the class ids) into ``out_dir`` and return the per-image records for the JSON."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = device or next(model.parameters()).device
+    model.eval()
+    palette = palette_for(class_names)
+    flat_palette = [c for colour in palette for c in colour]
+    mean_t = torch.tensor(mean, device=device).view(3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(3, 1, 1)
+    records = []
+    for path in paths:
+        image = _load_rgb(path)
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).to(device).permute(2, 0, 1).float() / 255
+        logits = predict_logits(model, ((x - mean_t) / std_t)[None])[0]
+        probs = logits.float().softmax(0)
+        labels = probs.argmax(0)
+        counts = torch.bincount(labels.flatten(), minlength=len(class_names)).double() / labels.numel()
+        labels_np = labels.cpu().numpy().astype(np.uint8)
+        mask = Image.fromarray(labels_np)  # 'L'; putpalette makes it a 'P' image that keeps the ids
+        mask.putpalette(flat_palette)
+        mask_path, overlay_path = out_dir / f'{path.stem}_mask.png', out_dir / f'{path.stem}_overlay.png'
+        mask.save(mask_path)
+        overlay(image, labels_np, palette, alpha).save(overlay_path)
+        records.append(
+            {
+                'image': str(path),
+                'width': image.width,
+                'height': image.height,
+                'class_fractions': {name: round(float(f), 6) for name, f in zip(class_names, counts.tolist())},
+                'mean_confidence': round(float(probs.max(0).values.mean()), 6),
+                'overlay': str(overlay_path),
+                'mask': str(mask_path),
+            }
+        )
+    return {'classes': list(class_names), 'images': records}

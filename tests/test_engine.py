@@ -1,0 +1,220 @@
+"""The shared training engine: config resolution, atomic/validated checkpoints, the fit loop and its records.
+
+The toy task trains a small conv net on a real Fashion-MNIST subset (no augmentation, no BatchNorm), so runs are
+exactly reproducible and gradient accumulation can be compared with a plain large batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from hsresnet.classification.data import FashionMNIST, find_fashion_mnist
+from hsresnet.engine import (
+    CheckpointError,
+    add_config_argument,
+    add_engine_arguments,
+    check_compatible,
+    fit,
+    load_checkpoint,
+    load_weights,
+    make_loader,
+    parse_kwargs,
+    resolve_config,
+    save_checkpoint,
+    save_weights,
+    track_explicit_flags,
+)
+
+
+def fmnist_tensors(n: int) -> TensorDataset:
+    ds = FashionMNIST(find_fashion_mnist(), 'test')
+    x = torch.from_numpy(ds.images[:n].copy()).float().div(255).unsqueeze(1)
+    return TensorDataset(x, torch.from_numpy(ds.labels[:n]))
+
+
+class ToyTask:
+    """A BatchNorm-free conv net on 28x28 grey images."""
+
+    main_metric = 'acc'
+
+    def __init__(self, cfg, n_train: int = 256, n_val: int = 128):
+        self.cfg = cfg
+        data = fmnist_tensors(n_train + n_val)
+        self.train = torch.utils.data.Subset(data, range(n_train))
+        self.val = torch.utils.data.Subset(data, range(n_train, n_train + n_val))
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+        )  # fmt: skip
+
+    def build_loaders(self, info):
+        return (
+            make_loader(self.train, self.cfg.batch_size, True, info, 0, self.cfg.seed),
+            make_loader(self.val, 64, False, info, 0),
+        )
+
+    def training_step(self, model, batch):
+        x, y = batch
+        return {'loss': nn.functional.cross_entropy(model(x), y)}
+
+    def evaluate(self, model, loader):
+        correct = total = 0
+        for x, y in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+        return {'acc': 100.0 * correct / total}
+
+
+def engine_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    track_explicit_flags(parser)
+    add_config_argument(parser)
+    parser.add_argument('--model', default='toy')
+    parser.add_argument('--model-kwargs', nargs='*', default=[])
+    add_engine_arguments(parser)
+    return parser
+
+
+def make_cfg(tmp_path: Path, *argv: str) -> argparse.Namespace:
+    parser = engine_parser()
+    base = ['--output', str(tmp_path / 'run'), '--no-progress', '--no-tensorboard', '-j', '0', '--lr', '0.05']
+    base += ['--threads', '1']
+    return resolve_config(parser.parse_args(base + list(argv)), parser)
+
+
+def test_yaml_config_under_typed_flags(tmp_path):
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text('epochs: 7\nlr: 0.3\nweight-decay: 1e-5\nmodel_kwargs: {w: 16, channels: [8, 16]}\n')
+    parser = engine_parser()
+    cfg = resolve_config(parser.parse_args(['-c', str(recipe), '--lr', '0.1']), parser)
+    assert cfg.epochs == 7 and cfg.lr == 0.1 and cfg.weight_decay == 1e-5  # YAML '1e-5' coerced to float
+    assert parse_kwargs(cfg.model_kwargs) == {'w': 16, 'channels': [8, 16]}
+    # a flag typed with its default value still wins over the YAML
+    cfg = resolve_config(parser.parse_args(['-c', str(recipe), '--epochs', '10']), parser)
+    assert cfg.epochs == 10
+    recipe.write_text('epochz: 3\n')
+    with pytest.raises(ValueError, match='unknown keys'):
+        resolve_config(parser.parse_args(['-c', str(recipe)]), parser)
+    with pytest.raises(ValueError, match='key=value'):
+        parse_kwargs(['w16'])
+
+
+def test_checkpoint_roundtrip_and_refusals(tmp_path):
+    model = ToyTask.build_model(None)
+    state = {'epoch': 3, 'rng': torch.get_rng_state(), 'config': {'model': 'toy'}}
+    save_checkpoint(tmp_path / 'last', model, state, {'model': 'toy', 'num_classes': 10})
+    weights, loaded, meta = load_checkpoint(tmp_path)  # a run directory resolves to its 'last'
+    assert loaded['epoch'] == 3 and meta['model'] == 'toy'
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert not list(tmp_path.glob('.*tmp*'))  # no temporary file left behind
+
+    other = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 5))
+    with pytest.raises(CheckpointError, match='does not fit'):
+        check_compatible(other, weights, 'last', meta)
+
+    blob = (tmp_path / 'last.safetensors').read_bytes()
+    (tmp_path / 'cut.safetensors').write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match='truncated'):
+        load_weights(tmp_path / 'cut.safetensors')
+    (tmp_path / 'foreign.safetensors').write_bytes(b'PK\x03\x04 not a checkpoint at all' * 10)
+    with pytest.raises(CheckpointError):
+        load_weights(tmp_path / 'foreign.safetensors')
+    # a pair mixed from two saves is detected
+    save_weights(tmp_path / 'last.safetensors', model.state_dict(), {'token': 'other'})
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / 'last')
+    with pytest.raises(CheckpointError, match='does not exist'):
+        load_checkpoint(tmp_path / 'missing')
+
+
+def test_fit_records_and_grad_accumulation(tmp_path):
+    cfg = make_cfg(tmp_path, '--epochs', '2', '-b', '32', '--deterministic', '--model-ema', '--model-ema-decay', '0.9')
+    task = ToyTask(cfg)
+    summary = fit(task, cfg)
+    run = Path(cfg.output)
+    for name in ('last.safetensors', 'last.state.pt', 'model.safetensors', 'model_ema.safetensors', 'curves.png'):
+        assert (run / name).is_file(), name
+    rows = (run / 'metrics.csv').read_text().splitlines()
+    assert len(rows) == 3 and 'val_acc' in rows[0] and 'val_ema_acc' in rows[0]
+    saved = json.loads((run / 'summary.json').read_text())
+    assert saved['acc'] == summary['acc'] > 10.0  # learned something beyond chance
+    assert saved['params'] == sum(p.numel() for p in task.build_model().parameters())
+    assert saved['images_per_s'] > 0 and saved['wall_time_s'] > 0
+
+    # 2 micro-batches of 16 accumulated == 1 batch of 32 (same samples, mean loss, no BatchNorm)
+    cfg_a = make_cfg(tmp_path / 'a', '--epochs', '1', '-b', '32', '--deterministic')
+    cfg_b = make_cfg(tmp_path / 'b', '--epochs', '1', '-b', '16', '--grad-accum-steps', '2', '--deterministic')
+    fit(ToyTask(cfg_a), cfg_a)
+    fit(ToyTask(cfg_b), cfg_b)
+    wa, _ = load_weights(Path(cfg_a.output) / 'model.safetensors')
+    wb, _ = load_weights(Path(cfg_b.output) / 'model.safetensors')
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_bad_resume_changes_nothing(tmp_path):
+    cfg = make_cfg(tmp_path, '--epochs', '1', '-b', '64')
+    fit(ToyTask(cfg), cfg)
+    run = Path(cfg.output)
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir() if p.is_file()}
+
+    with pytest.raises(ValueError, match='already holds a checkpoint'):
+        fit(ToyTask(cfg), make_cfg(tmp_path, '--epochs', '2'))
+    state = run / 'last.state.pt'
+    state_bytes = state.read_bytes()
+    state.write_bytes(state_bytes[:100])  # truncated training state
+    with pytest.raises(CheckpointError, match='truncated'):
+        fit(ToyTask(cfg), make_cfg(tmp_path, '--epochs', '2', '--resume', str(run)))
+    state.write_bytes(state_bytes)
+
+    class Wider(ToyTask):
+        def build_model(self):
+            return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+
+    with pytest.raises(CheckpointError, match='does not fit'):
+        fit(Wider(cfg), make_cfg(tmp_path, '--epochs', '2', '--resume', str(run)))
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir() if p.is_file()}
+    assert after.keys() == before.keys()
+    for name in before:  # same bytes everywhere; same mtime except the state file this test rewrote itself
+        assert after[name][1] == before[name][1], name
+        assert name == 'last.state.pt' or after[name][0] == before[name][0], name
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    """Epoch-level resume in-process (the SIGKILL version is in test_resume.py)."""
+    full = make_cfg(tmp_path / 'full', '--epochs', '3', '-b', '32', '--deterministic')
+    fit(ToyTask(full), full)
+    part = make_cfg(tmp_path / 'part', '--epochs', '3', '-b', '32', '--deterministic')
+    part.epochs = 1  # stop after one epoch, as if killed, but with the 3-epoch schedule's checkpoint
+    part_cfg = argparse.Namespace(**{**vars(part), 'epochs': 3})
+    task = ToyTask(part_cfg)
+    # train one epoch of the 3-epoch schedule: run with epochs=3 but break after epoch 1 via a failing hook
+    calls = []
+
+    def on_epoch_start(epoch):
+        calls.append(epoch)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    task.on_epoch_start = on_epoch_start
+    with pytest.raises(KeyboardInterrupt):
+        fit(task, part_cfg)
+    resumed = argparse.Namespace(**{**vars(part_cfg), 'resume': part_cfg.output})
+    fit(ToyTask(resumed), resumed)
+    a, _ = load_weights(Path(full.output) / 'model.safetensors')
+    b, _ = load_weights(Path(part_cfg.output) / 'model.safetensors')
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = (Path(part_cfg.output) / 'metrics.csv').read_text().splitlines()
+    assert len(rows) == 4  # the CSV covers the whole run after resume
+    assert os.path.exists(Path(part_cfg.output) / 'summary.json')

@@ -1,0 +1,65 @@
+"""SIGKILL in the middle of an epoch, then --resume: the final weights equal those of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hsresnet.cli import main
+from hsresnet.engine import load_checkpoint, load_weights
+
+ARGS = [
+    'train', '--model', 'hs_resnet26_small', '--model-kwargs', 'channels=[8,16,32,64]', 'w=16', 's=2',
+    '--train-subset', '768', '--val-subset', '128', '-b', '32', '--epochs', '3', '--lr', '0.1',
+    '--hflip', '0.5', '--scale', '0.6', '1', '--deterministic', '--seed', '7',
+    '--no-progress', '--no-tensorboard', '-j', '0', '--threads', '1',
+]  # fmt: skip
+
+
+def test_sigkill_mid_epoch_then_resume(tmp_path):
+    full, killed = tmp_path / 'full', tmp_path / 'killed'
+    assert main([*ARGS, '--output', str(full)]) == 0
+
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'hsresnet.cli', *ARGS, '--output', str(killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 600
+        while not (killed / 'last.state.pt').exists():  # epoch 1 done and saved
+            assert proc.poll() is None, 'the run ended before its first checkpoint'
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)  # into epoch 2
+        assert proc.poll() is None, 'the run finished before it could be killed'
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _, state, _ = load_checkpoint(killed)
+    assert 1 <= state['epoch'] < 3  # killed with work left
+    assert not (killed / 'model.safetensors').exists()
+
+    assert main([*ARGS, '--output', str(killed), '--resume', str(killed)]) == 0
+    a, _ = load_weights(full / 'model.safetensors')
+    b, _ = load_weights(killed / 'model.safetensors')
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    csv_a = (full / 'metrics.csv').read_text().splitlines()
+    csv_b = (killed / 'metrics.csv').read_text().splitlines()
+    assert len(csv_b) == 4
+    val_a = [row.split(',')[-2] for row in csv_a]
+    val_b = [row.split(',')[-2] for row in csv_b]
+    assert val_a == val_b  # the same validation metric every epoch
+    assert Path(killed / 'summary.json').is_file()
