@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 APT := $(shell command -v sudo >/dev/null 2>&1 && [ "$$(id -u)" != 0 ] && echo sudo) apt-get
-PYTEST_ARGS ?= -m "not slow"
+PYTEST_ARGS ?= -n 2 -m "not slow"
 
 .PHONY: install data train test lint
 install: $(VENV)/.installed
@@ -21,7 +21,7 @@ $(FMNIST):
 	$(APT) install -y dataset-fashion-mnist || ($(APT) update && $(APT) install -y dataset-fashion-mnist)
 
 train: install data
-	$(VENV)/bin/hsresnet train -c configs/fashion_mnist.yaml --output runs/fashion_mnist
+	$(VENV)/bin/hsresnet train -c configs/fashion_mnist.yaml --output runs/fashion_mnist --overwrite
 
 test: install data
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)

@@ -352,6 +352,10 @@ def _evaluate_all(task, cfg, model, ema, loader, device) -> Dict[str, float]:
     out: Dict[str, float] = {}
     targets = [('', model)] + ([('ema_', ema.module)] if ema is not None else [])
     for prefix, net in targets:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # each rank's last step left its own BN running stats: evaluate everywhere with rank 0's, the saved ones
+            for buffer in net.buffers():
+                torch.distributed.broadcast(buffer, 0)
         was_training = net.training
         net.eval()
         with autocast(cfg, device):
