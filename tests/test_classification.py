@@ -14,6 +14,7 @@ from PIL import Image
 from hsresnet.classification.data import (
     FASHION_MNIST_DIR,
     FashionMNIST,
+    FlipNormalize,
     ImageFolderDataset,
     find_fashion_mnist,
     read_idx,
@@ -191,3 +192,31 @@ def test_help_lists_timm_flags(capsys):
     for flag in ('--model-kwargs', '--data-dir', '--smoothing', '--mixup', '--cutmix', '--aa', '--drop-path',
                  '--model-ema', '--torchcompile', '--channels-last', '--resume', '--warmup-epochs'):  # fmt: skip
         assert flag in text
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_fast_fashion_mnist_transform_equals_timm(training):
+    """The array transform that the default recipe gets is exactly timm's create_transform, without PIL ops."""
+    import argparse
+
+    from timm.data import create_transform
+
+    from hsresnet.classification import train
+    from hsresnet.classification.task import ClassificationTask
+    from hsresnet.engine import resolve_config
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    cfg = resolve_config(parser.parse_args(['-c', 'configs/fashion_mnist.yaml']), parser)
+    task = ClassificationTask(cfg, log=lambda _: None)
+    fast = task.transforms(training)
+    assert isinstance(fast, FlipNormalize) and fast.hflip == (cfg.hflip if training else 0.0)
+    images = [FashionMNIST(find_fashion_mnist(), 'test')[i][0] for i in range(3)]
+    for p in (0.0, 1.0) if training else (0.0,):  # a certain flip (or none) makes the random transforms comparable
+        fast.hflip = p
+        ref = create_transform(
+            (1, 28, 28), is_training=training, hflip=p, scale=(1.0, 1.0), ratio=(1.0, 1.0), color_jitter=0.0,
+            mean=task.mean, std=task.std, crop_pct=1.0,
+        )  # fmt: skip
+        for img in images:
+            torch.testing.assert_close(fast(img), ref(img), rtol=0, atol=1e-6)

@@ -23,15 +23,6 @@ from hsresnet.layers import adapt_norm_layer
 STAGES = {'layer1': '0', 'layer2': '1', 'layer3': '2', 'layer4': '3'}
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny inputs on a shared 2-core machine: one intra-op thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _targets(with_masks: bool) -> list[dict[str, torch.Tensor]]:
     boxes = torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 18.0, 60.0, 58.0]])
     target = {'boxes': boxes, 'labels': torch.tensor([1, 2])}

@@ -19,15 +19,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny inputs on a shared 2-core machine: one intra-op thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _build(name: str, **kwargs) -> torch.nn.Module:
     return timm.create_model(name, num_classes=10, zero_init_last=False, **kwargs).eval()
 

@@ -27,15 +27,6 @@ EXPECTED = [
 ]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny inputs on a shared 2-core machine: one intra-op thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _depth(name: str) -> int:
     return int(re.match(r'hs_resnet(\d+)', name).group(1))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -103,6 +104,27 @@ class FashionMNIST(Dataset):
     def __getitem__(self, i: int):
         img = Image.fromarray(self.images[i], mode='L')
         return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+
+class FlipNormalize:
+    """Horizontal flip + ``ToTensor`` + ``Normalize`` on the array, for images already at the model's size.
+
+    It gives exactly what timm's ``create_transform`` gives when its crop is the whole image (``scale`` and ``ratio``
+    ``(1, 1)``, ``crop_pct`` 1) and no other augmentation is on, without the per-image PIL round trips, which took
+    about 30 % of a Fashion-MNIST training step on 2 CPU cores.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], hflip: float = 0.0):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.hflip = hflip
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+        x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
+        if self.hflip and torch.rand(()) < self.hflip:
+            x = x.flip(-1)
+        return (x - self.mean) / self.std
 
 
 def to_mode(img: Image.Image, in_chans: int) -> Image.Image:
