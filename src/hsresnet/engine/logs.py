@@ -41,13 +41,14 @@ def plot_curves(path: str | Path, history: List[Dict[str, Any]], main_metric: st
         ax_loss.plot(epochs, [row.get(key, math.nan) for row in history], marker='o', label=key)
     ax_loss.set_xlabel('epoch')
     ax_loss.set_title('loss')
-    ax_loss.legend()
     for key in (f'val_{main_metric}', f'val_ema_{main_metric}'):
         if any(key in row for row in history):
             ax_metric.plot(epochs, [row.get(key, math.nan) for row in history], marker='o', label=key)
     ax_metric.set_xlabel('epoch')
     ax_metric.set_title(main_metric)
-    ax_metric.legend()
+    for ax in (ax_loss, ax_metric):
+        if ax.get_legend_handles_labels()[0]:  # nothing plotted yet (no eval so far): no empty legend
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
