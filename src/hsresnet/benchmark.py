@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime
 import json
 import os
@@ -35,6 +34,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .complexity import count_complexity
+from .engine.logs import write_csv
 
 BASELINES = ('resnet50', 'resnet50d', 'res2net50_26w_4s')
 RATIO_BASE = 'resnet50'
@@ -178,14 +180,8 @@ def _meta_model(name: str, kwargs: Dict[str, Any]) -> nn.Module:
 
 
 def count_macs(model: nn.Module, img_size: int = 224) -> float:
-    """Forward MACs per image: FlopCounterMode FLOPs / 2 on one image (conv + matmul only)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    p = next(model.parameters())
-    x = torch.randn(1, 3, img_size, img_size, device=p.device, dtype=p.dtype)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() / 2
+    """Forward MACs per image (conv + linear: FlopCounterMode FLOPs / 2), the counter of ``hsresnet complexity``."""
+    return float(count_complexity(model, img_size).macs)
 
 
 def build(spec: Dict[str, Any], kind: str, device: torch.device, args: argparse.Namespace) -> nn.Module:
@@ -436,15 +432,6 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
         print('  '.join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
-
-
-def write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _sweep_points(rows: List[Dict[str, Any]], specs: Sequence[Dict[str, Any]], batch: int) -> List[Dict[str, Any]]:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..complexity import count_complexity
 from ..engine import DistInfo, make_loader, parse_kwargs
 from .data import (
     FashionMNIST,
@@ -344,21 +345,8 @@ class ClassificationTask:
             'dataset': self.kind,
             'num_classes': self.num_classes,
             'img_size': self.img_size,
-            'macs': count_macs(model, (1, self.in_chans, self.img_size, self.img_size)),
+            'macs': count_complexity(model, self.img_size, self.in_chans).macs,
         }
-
-
-def count_macs(model: nn.Module, shape: Tuple[int, ...]) -> int:
-    """Multiply-accumulates of one forward pass (conv + linear, via ``FlopCounterMode``: FLOPs / 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(shape, device=device))
-    model.train(was_training)
-    return int(counter.get_total_flops() // 2)
 
 
 def load_classifier(checkpoint: str, model_name: Optional[str] = None) -> Tuple[nn.Module, Dict[str, Any]]:
