@@ -26,13 +26,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..images import IMAGE_SUFFIXES
 from .transforms import to_tv_tensors
 
-__all__ = ['CocoDetection', 'collate_fn', 'load_coco_json', 'voc_dataset', 'voc_to_coco', 'IMAGE_SUFFIXES']
+__all__ = ['CocoDetection', 'collate_fn', 'load_coco_json', 'voc_dataset', 'voc_to_coco']
 
 log = logging.getLogger('hsresnet.detection')
-
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.tif', '.tiff', '.bmp')
 
 
 def load_coco_json(path: str | Path) -> Dict[str, Any]:

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from .datasets import IMAGE_SUFFIXES
+from ..images import find_images
 
 __all__ = ['find_images', 'draw_detections', 'predict_images']
 
@@ -32,21 +32,6 @@ PALETTE = [
     (0, 128, 128),
     (220, 190, 255),
 ]
-
-
-def find_images(inputs: Sequence[str | Path]) -> List[Path]:
-    """Image files named directly or found (non-recursively) in folders, in sorted order."""
-    paths: List[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise FileNotFoundError(f'{item} is neither an image file nor a folder.')
-    if not paths:
-        raise ValueError(f'no images ({", ".join(IMAGE_SUFFIXES)}) in {[str(i) for i in inputs]}.')
-    return paths
 
 
 def draw_detections(

@@ -19,6 +19,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from ..images import IMAGE_SUFFIXES
+
 __all__ = [
     'IGNORE_INDEX',
     'CITYSCAPES_CLASSES',
@@ -31,11 +33,9 @@ __all__ = [
     'pad_collate',
     'pad_to_multiple',
     'read_class_names',
-    'IMAGE_SUFFIXES',
 ]
 
 IGNORE_INDEX = 255
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 
 # The 19 evaluation classes of Cityscapes (train ids 0-18) and their colours, from the public dataset definition.
 CITYSCAPES_CLASSES = (

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import colorsys
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from .data import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, IMAGE_SUFFIXES, _to_rgb8
+from ..images import find_images
+from .data import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, _to_rgb8
 from .models import predict_logits
 
 __all__ = ['palette_for', 'overlay', 'find_images', 'predict_images']
@@ -40,22 +41,6 @@ def overlay(image: Image.Image, labels: np.ndarray, palette: Sequence[Tuple[int,
     painted = colours.any(axis=-1, keepdims=True)  # background is black in ``palette_for``: left unpainted
     out = np.where(painted, (1 - alpha) * rgb + alpha * colours, rgb)
     return Image.fromarray(out.round().astype(np.uint8))
-
-
-def find_images(inputs: Iterable[str | Path]) -> List[Path]:
-    """Image files named directly or found (sorted, not recursively) in the folders named."""
-    found: List[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise FileNotFoundError(f'input {path} does not exist: pass image files or folders of images.')
-    if not found:
-        raise FileNotFoundError(f'no images ({", ".join(IMAGE_SUFFIXES)}) in {[str(i) for i in inputs]}.')
-    return found
 
 
 def _load_rgb(path: Path) -> Image.Image:
