@@ -190,10 +190,13 @@ def test_classification_checkpoint_loads_strictly(tmp_path):
 
     other = tmp_path / 'other.safetensors'
     save_file(timm.create_model('hs_resnet26', s=4).state_dict(), str(other))
-    with pytest.raises(ValueError, match='wrong shape'):
+    with pytest.raises(ValueError, match=r'shape mismatches \[\w'):
         deeplabv3plus('hs_resnet26', checkpoint=other)
     save_file(timm.create_model('resnet26').state_dict(), str(other))
-    with pytest.raises(ValueError, match=r'does not fit the hs_resnet26 encoder: missing .* unexpected'):
+    with pytest.raises(
+        ValueError,
+        match=r'does not match the backbone: missing keys \[\w.* unexpected keys \[\w.*--backbone hs_resnet26',
+    ):
         load_backbone_checkpoint(deeplabv3plus('hs_resnet26'), other, 'hs_resnet26')
 
 

@@ -28,6 +28,8 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from ..engine.checkpoint import load_backbone_weights
+
 __all__ = [
     'DETECTORS',
     'build_detector',
@@ -62,44 +64,13 @@ def _classifier_prefixes(model: nn.Module) -> Tuple[str, ...]:
 
 
 def load_backbone_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load a classification checkpoint (safetensors with the timm model's keys) into ``model``, strictly.
-
-    Every backbone key must be present with the same shape; only the classifier (``pretrained_cfg['classifier']``,
-    e.g. ``fc.*``) may differ or be missing, because a detector drops it. Anything else is a ``ValueError`` that
-    lists the offending keys.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f'backbone checkpoint {path} does not exist; pass the .safetensors file written by '
-            f'`hsresnet train` (its weights are the timm model keys).'
-        )
-    if path.suffix != '.safetensors':
-        raise ValueError(
-            f'backbone checkpoint {path}: expected a .safetensors file (the classification CLI writes '
-            f'model weights as safetensors).'
-        )
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    skip = _classifier_prefixes(model)
-    state = {k: v for k, v in state.items() if not k.startswith(skip)}
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
-
-        def head(keys: List[str]) -> str:
-            return ', '.join(keys[:5]) + (f' ... ({len(keys)} in all)' if len(keys) > 5 else '')
-
-        raise ValueError(
-            f'backbone checkpoint {path} does not match the backbone {type(model).__name__} '
-            f'({model.pretrained_cfg.get("architecture", "?")}): missing keys [{head(missing)}], unexpected keys '
-            f'[{head(unexpected)}], shape mismatches [{head(shapes)}]. Build the detector with the same --backbone '
-            f'and --backbone-kwargs (w, s, ...) as the classification run that wrote it.'
-        )
-    model.load_state_dict(state, strict=False)  # strictness checked above; only the classifier is left out
+    """Load a classification checkpoint into the timm backbone ``model``, strictly; only its classifier
+    (``pretrained_cfg['classifier']``, e.g. ``fc.*``) may differ or be missing, because a detector drops it."""
+    load_backbone_weights(
+        model, path, _classifier_prefixes(model),
+        f'Build the detector with the same --backbone ({model.pretrained_cfg.get("architecture", "?")}) and '
+        '--backbone-kwargs (w, s, ...) as the classification run that wrote it.',
+    )  # fmt: skip
 
 
 def timm_fpn_backbone(

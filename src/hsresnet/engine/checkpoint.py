@@ -145,3 +145,37 @@ def check_compatible(model: nn.Module, weights: Mapping[str, torch.Tensor], sour
             f'checkpoint {source} (made for {what}, num_classes={meta.get("num_classes")}) does not fit the model '
             f'being built: {details}. Use the same --model, --model-kwargs and class count as the run that saved it.'
         )
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path, skip: Tuple[str, ...], hint: str) -> None:
+    """Load a classification checkpoint (safetensors, timm model keys) into ``backbone``, strictly.
+
+    Keys starting with ``skip`` (the classifier, e.g. ``('fc.',)``) are left out on both sides; any other missing,
+    unexpected or wrongly shaped key is a ``ValueError`` that lists them and ends with ``hint`` (the fix).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f'backbone checkpoint {path} does not exist; pass the .safetensors file written by `hsresnet train`.'
+        )
+    if path.suffix != '.safetensors':
+        raise ValueError(
+            f'backbone checkpoint {path}: expected a .safetensors file (the classification CLI writes model weights '
+            'as safetensors).'
+        )
+    state, _ = load_weights(path)
+    state = {k.removeprefix('module.'): v for k, v in state.items() if not k.startswith(skip)}
+    own = {k: v for k, v in backbone.state_dict().items() if not k.startswith(skip)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+
+        def head(keys: list) -> str:
+            return ', '.join(keys[:5]) + (f' ... ({len(keys)} in all)' if len(keys) > 5 else '')
+
+        raise ValueError(
+            f'backbone checkpoint {path} does not match the backbone: missing keys [{head(missing)}], unexpected keys '
+            f'[{head(unexpected)}], shape mismatches [{head(shapes)}]. {hint}'
+        )
+    backbone.load_state_dict(state, strict=False)  # strictness checked above; only the classifier is left out

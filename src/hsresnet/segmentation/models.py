@@ -15,12 +15,12 @@ import segmentation_models_pytorch as smp
 import timm
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import freeze_batch_norm_2d
 
 import hsresnet  # noqa: F401  (registers the hs_resnet* models into timm)
 
+from ..engine.checkpoint import load_backbone_weights
 from .data import pad_to_multiple
 
 __all__ = [
@@ -112,37 +112,12 @@ def freeze_stages(model: smp.DeepLabV3Plus, trainable_layers: int) -> None:
 
 
 def load_backbone_checkpoint(model: smp.DeepLabV3Plus, path: str | Path, backbone: str = '') -> None:
-    """Load a classification checkpoint (safetensors of a timm model's ``state_dict``) into the encoder.
-
-    The classifier (``fc.*`` for ResNets, the pretrained config's ``classifier``) is dropped; every other key must
-    match the encoder's keys and shapes exactly, else a ``ValueError`` lists the differences.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'Backbone checkpoint {path} does not exist.')
-    if path.suffix != '.safetensors':
-        raise ValueError(f'Backbone checkpoint {path} must be a .safetensors file (the classification weights).')
-    state = load_file(str(path))
-    state = {k.removeprefix('module.'): v for k, v in state.items()}
-    encoder: nn.Module = model.encoder.model
-    expected = encoder.state_dict()
+    """Load a classification checkpoint (safetensors of a timm model's ``state_dict``) into the encoder, strictly;
+    the classifier (the pretrained config's ``classifier``, ``fc.*`` for ResNets) is dropped."""
     cfg = timm.models.get_pretrained_cfg(backbone) if backbone else None
     classifier = getattr(cfg, 'classifier', None) or 'fc'
-    state = {k: v for k, v in state.items() if not k.startswith(f'{classifier}.')}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong_shape:
-        detail = '; '.join(
-            f'{label} ({len(keys)}): {", ".join(keys[:5])}{" ..." if len(keys) > 5 else ""}'
-            for label, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong_shape))
-            if keys
-        )
-        raise ValueError(
-            f'Backbone checkpoint {path} does not fit the {backbone or "encoder"} encoder: {detail}. '
-            f'Use a checkpoint of the same model and variant (w, s, down, stem) as --backbone.'
-        )
-    encoder.load_state_dict(state, strict=True)
+    hint = f'Use a checkpoint of the same model and variant (w, s, down, stem) as --backbone {backbone or ""}.'
+    load_backbone_weights(model.encoder.model, path, (f'{classifier}.',), hint)
 
 
 @torch.no_grad()
