@@ -13,8 +13,8 @@ from PIL import Image
 
 from hsresnet.classification.data import (
     FASHION_MNIST_DIR,
+    ArrayTransform,
     FashionMNIST,
-    FlipNormalize,
     ImageFolderDataset,
     find_fashion_mnist,
     read_idx,
@@ -210,7 +210,7 @@ def test_fast_fashion_mnist_transform_equals_timm(training):
     cfg = resolve_config(parser.parse_args(['-c', 'configs/fashion_mnist.yaml']), parser)
     task = ClassificationTask(cfg, log=lambda _: None)
     fast = task.transforms(training)
-    assert isinstance(fast, FlipNormalize) and fast.hflip == (cfg.hflip if training else 0.0)
+    assert isinstance(fast, ArrayTransform) and fast.hflip == (cfg.hflip if training else 0.0)
     images = [FashionMNIST(find_fashion_mnist(), 'test')[i][0] for i in range(3)]
     for p in (0.0, 1.0) if training else (0.0,):  # a certain flip (or none) makes the random transforms comparable
         fast.hflip = p
@@ -220,3 +220,38 @@ def test_fast_fashion_mnist_transform_equals_timm(training):
         )  # fmt: skip
         for img in images:
             torch.testing.assert_close(fast(img), ref(img), rtol=0, atol=1e-6)
+
+
+def test_fashion_mnist_batched_fetch_equals_per_image():
+    """``__getitems__`` (one array transform per batch) gives what per-image fetches give, flips drawn per image."""
+    data = FashionMNIST(find_fashion_mnist(), 'test', ArrayTransform((0.3,), (0.35,)))
+    indices = [5, 0, 9999, 17]
+    for p in (0.0, 1.0):
+        data.transform.hflip = p
+        for (x, y), i in zip(data.__getitems__(indices), indices):
+            ref_x, ref_y = data[i]
+            torch.testing.assert_close(x, ref_x, rtol=0, atol=0)
+            assert y == ref_y and isinstance(y, int)
+    data.transform.hflip = 0.5
+    torch.manual_seed(0)
+    batch = data.__getitems__(list(range(200)))
+    data.transform.hflip = 0.0
+    plain = [data[i][0] for i in range(200)]
+    flipped = [torch.equal(x, ref.flip(-1)) and not torch.equal(x, ref) for (x, _), ref in zip(batch, plain)]
+    kept = [torch.equal(x, ref) for (x, _), ref in zip(batch, plain)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 60 < sum(flipped) < 140
+
+
+def test_array_transform_random_erasing_per_image():
+    """With reprob 1 every image of a batch gets one rectangle of fresh noise, the rest of it untouched."""
+    images = FashionMNIST(find_fashion_mnist(), 'test').images[:16]
+    plain = ArrayTransform((0.3,), (0.35,)).batch(images)
+    erased = ArrayTransform((0.3,), (0.35,), reprob=1.0).batch(images)
+    changed = (erased != plain).flatten(1)
+    assert changed.any(1).all(), 'an image escaped erasing at reprob 1'
+    fractions = changed.float().mean(1)
+    assert (fractions < 0.4).all() and fractions.std() > 0  # one rectangle of random area (2 % to 1/3) per image
+    rows, cols = (erased != plain)[:, 0].any(2), (erased != plain)[:, 0].any(1)
+    for r, c, ch in zip(rows, cols, (erased != plain)[:, 0]):
+        box = ch[r.nonzero().min() : r.nonzero().max() + 1, c.nonzero().min() : c.nonzero().max() + 1]
+        assert box.float().mean() > 0.9  # the changes fill one box (noise can equal the pixel by chance)

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .complexity import count_complexity
+from .engine.allocator import keep_freed_memory
 from .engine.logs import write_csv
 
 BASELINES = ('resnet50', 'resnet50d', 'res2net50_26w_4s')
@@ -94,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit('hsresnet benchmark: --device cuda but CUDA is not available; use --device cpu.')
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == 'cpu':
+        keep_freed_memory()  # as `hsresnet train` does; the same for every model of the run
     if args.agreement:
         result = fashion_mnist_agreement(args.agreement, device)
         print(json.dumps(result, indent=2))

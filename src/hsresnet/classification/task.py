@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..complexity import count_complexity
 from ..engine import DistInfo, make_loader, parse_kwargs
 from .data import (
+    ArrayTransform,
     FashionMNIST,
-    FlipNormalize,
     FolderSplit,
     ImageFolderDataset,
     find_fashion_mnist,
@@ -215,12 +215,12 @@ class ClassificationTask:
         cfg = self.cfg
         size = (self.in_chans, self.img_size, self.img_size)
         if self.kind == 'fashion_mnist' and (self.img_size, self.crop_pct, self.in_chans) == (28, 1.0, 1):
-            # the whole image at its own size: create_transform reduces to flip + normalize, done on the array
+            # the whole image at its own size: create_transform reduces to flip, normalize and erasing: on arrays
             if not training:
-                return FlipNormalize(self.mean, self.std)
+                return ArrayTransform(self.mean, self.std)
             whole_crop = tuple(cfg.scale) == (1.0, 1.0) and tuple(cfg.ratio) == (1.0, 1.0)
-            if whole_crop and not (cfg.vflip or cfg.color_jitter or cfg.aa or cfg.reprob):
-                return FlipNormalize(self.mean, self.std, cfg.hflip)
+            if whole_crop and not (cfg.vflip or cfg.color_jitter or cfg.aa):
+                return ArrayTransform(self.mean, self.std, cfg.hflip, cfg.reprob)
         if not training:
             return create_transform(
                 size,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .allocator import keep_freed_memory
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint, save_weights
 from .config import config_to_dict
 from .distributed import (
@@ -112,6 +113,8 @@ def _fit(task: Any, cfg: Any, info: DistInfo) -> Dict[str, Any]:
     seed_everything(cfg.seed + info.rank)
     output = Path(cfg.output)
     device = info.device
+    if device.type == 'cpu':
+        keep_freed_memory()
 
     # Everything that can refuse the run happens before anything is written.
     resume_state: Optional[Dict[str, Any]] = None
