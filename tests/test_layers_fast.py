@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from hsresnet.layers import HSBlock, HSStridedBlock
+from hsresnet.layers import HSBlock, HSStridedBlock, _ReLUConcat
 from hsresnet.reference import ReferenceHSBlock, ReferenceHSStridedBlock, to_reference
 
 
@@ -47,32 +47,71 @@ def test_block_inference_equals_reference(width, s, batch, channels_last):
         assert got.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_fast_path_is_taken_and_equals_concat_path():
+def test_fast_paths_are_taken_and_equal_concat_path():
     fast, _ = pair(5, 4)
     x = torch.randn(2, 20, 8, 8)
     with torch.no_grad():
         assert fast._fast_path(x)
         torch.testing.assert_close(fast._forward_into_buffer(x), fast._forward_cat(x), rtol=0, atol=0)
-    assert not fast._fast_path(x)  # grad enabled: the differentiable path
-    assert not HSBlock(5, 4, act_layer=nn.SiLU)._fast_path(x)  # only ReLU has the fused out= write
+    assert fast._fast_path(x)  # grad enabled: the ReLU-in-concat path, differentiable
+    torch.testing.assert_close(fast._forward_relu_concat(x), fast._forward_cat(x), rtol=0, atol=0)
+    assert not HSBlock(5, 4, act_layer=nn.SiLU)._fast_path(x)  # only ReLU has the fused paths
 
 
-def test_block_dilation_and_other_norm_act():
-    for kwargs in ({'dilation': 2}, {'norm_layer': FrozenBatchNorm2d}, {'act_layer': nn.SiLU}):
-        fast, ref = pair(6, 4, **kwargs)
-        x = torch.randn(2, 24, 10, 10)
-        with torch.no_grad():
-            torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+def test_relu_concat_gradients_equal_autograd():
+    """The hand-written backward of _ReLUConcat against torch's, with exact zeros and negative inputs."""
+    head = torch.randn(2, 3, 4, 4, dtype=torch.double, requires_grad=True)
+    tails = [torch.randn(2, c, 4, 4, dtype=torch.double).requires_grad_() for c in (2, 5)]
+    assert torch.autograd.gradcheck(_ReLUConcat.apply, (head, *tails))
+    with torch.no_grad():
+        tails[0][0, 0, 0, :2] = 0.0  # relu'(0) = 0, as in torch.relu (a kink: not for gradcheck)
+    out = _ReLUConcat.apply(head, *tails)
+    ref = torch.cat([head, *(torch.relu(t) for t in tails)], dim=1)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    got = torch.autograd.grad(out, [head, *tails], g)
+    expected = torch.autograd.grad(ref, [head, *tails], g)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_block_training_forward_and_gradients_equal_reference():
+def saved_bytes(block: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct storages that autograd keeps for the backward pass of ``block(x)``."""
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    return sum(storages.values())
+
+
+def test_training_paths_store_each_activation_once():
+    """Under autograd the ReLU-in-concat blocks keep less for backward than split/ReLU/concat (same numbers)."""
+    x = torch.randn(2, 90, 14, 14, requires_grad=True)
+    conv3 = nn.Conv2d(90, 32, 1)  # the bottleneck's next conv, which saves the block's output
+    block = HSBlock(18, 5).train()
+    plain = saved_bytes(lambda t: conv3(block._forward_cat(t)), x)
+    fused = saved_bytes(lambda t: conv3(block(t)), x)
+    # split/ReLU/concat keeps the ReLU outputs (27+31+33+18 = 109 channels) besides the concat that conv3 keeps
+    assert fused <= plain - 109 * 2 * 14 * 14 * 4, (fused, plain)
+    strided = HSStridedBlock(18, 5, stride=2).train()
+    conv_part = lambda t: strided.act(strided.bn(strided.conv(t[:, 18:])))  # noqa: E731
+    plain = saved_bytes(lambda t: conv3(torch.cat([strided.pool(t[:, :18]), conv_part(t)], 1)), x)
+    assert saved_bytes(lambda t: conv3(strided(t)), x) <= plain - 72 * 2 * 7 * 7 * 4
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_block_training_forward_and_gradients_equal_reference(channels_last):
     fast, ref = pair(5, 5)
     fast.train()
     ref.train()
     x = torch.randn(2, 25, 6, 6)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     g = torch.randn(2, 25, 6, 6)
-    y1, y2 = fast(x1), ref(x2)
+    y1, y2 = fast(x1.contiguous(memory_format=torch.channels_last) if channels_last else x1), ref(x2)
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
     (y1 * g).sum().backward()
     (y2 * g).sum().backward()
@@ -95,7 +134,15 @@ def test_strided_block_equals_reference(down, channels_last):
         torch.testing.assert_close(fast(xin), ref(x), rtol=1e-5, atol=1e-5)
     fast.train()
     ref.train()
-    torch.testing.assert_close(fast(xin), ref(x), rtol=1e-5, atol=1e-5)
+    x1, x2 = xin.detach().clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = fast(x1), ref(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y2)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    for (name, p1), p2 in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_to_reference_model_same_state_dict_and_outputs():

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from hsresnet.cli import main
@@ -63,3 +64,45 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     val_b = [row.split(',')[-2] for row in csv_b]
     assert val_a == val_b  # the same validation metric every epoch
     assert Path(killed / 'summary.json').is_file()
+
+
+def test_crash_after_a_recovery_checkpoint_resumes_mid_epoch(tmp_path, monkeypatch, capsys):
+    """--recovery-interval: a crash in the middle of epoch 2 loses only the steps after the last recovery point;
+    the resumed run skips the batches already trained on and ends with the uninterrupted run's weights and metrics."""
+    from hsresnet.classification.task import ClassificationTask
+
+    args = [*ARGS, '--recovery-interval', '5']  # 24 batches per epoch: recovery points at steps 5, 10, ... 35
+    full, crashed = tmp_path / 'full', tmp_path / 'crashed'
+    assert main([*args, '--output', str(full)]) == 0
+
+    calls = {'n': 0}
+    original = ClassificationTask.training_step
+
+    def crash_at_batch_37(self, model, batch):
+        calls['n'] += 1
+        if calls['n'] == 24 + 13:  # epoch 2, batch 13
+            raise RuntimeError('simulated crash')
+        return original(self, model, batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ClassificationTask, 'training_step', crash_at_batch_37)
+        with pytest.raises(RuntimeError, match='simulated crash'):
+            main([*args, '--output', str(crashed)])
+    _, state, _ = load_checkpoint(crashed)
+    assert (state['epoch'], state['batch'], state['global_step']) == (1, 11, 35)
+
+    capsys.readouterr()
+    assert main([*args, '-b', '16', '--output', str(crashed), '--resume', str(crashed)]) != 0
+    assert 'saved in the middle of an epoch with batch_size=32' in capsys.readouterr().err
+    assert main([*args, '--output', str(crashed), '--resume', str(crashed)]) == 0
+    a, _ = load_weights(full / 'model.safetensors')
+    b, _ = load_weights(crashed / 'model.safetensors')
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows_a = (full / 'metrics.csv').read_text().splitlines()
+    rows_b = (crashed / 'metrics.csv').read_text().splitlines()
+    header = rows_a[0].split(',')
+    compared = [header.index(c) for c in header if c.startswith(('train_loss', 'val_'))]
+    assert len(compared) >= 2 and len(rows_b) == len(rows_a) == 4
+    for ra, rb in zip(rows_a[1:], rows_b[1:]):
+        assert [ra.split(',')[j] for j in compared] == [rb.split(',')[j] for j in compared]

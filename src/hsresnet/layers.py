@@ -10,6 +10,7 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ['HSBlock', 'HSStridedBlock', 'hs_widths', 'check_hs_args', 'adapt_norm_layer', 'DOWN_MODES']
 
@@ -54,17 +55,42 @@ def adapt_norm_layer(norm_layer: Callable[..., nn.Module]) -> Callable[..., nn.M
     return norm_without_factory_kwargs
 
 
-def _can_write_outputs(x: torch.Tensor, act: nn.Module) -> bool:
-    """True in eager inference with a ReLU: nothing records gradients, traces (fx proxies, fake tensors, jit.trace),
-    compiles or exports the forward, so a block may write its activations into preallocated buffers with ``out=``
-    (the same numbers, fewer copies). Everything else sees the plain split/concat formulation."""
+def _eager_relu(x: torch.Tensor, act: nn.Module) -> bool:
+    """True for a ReLU block run eagerly: nothing traces (fx proxies, fake tensors, jit.trace), compiles or exports
+    the forward, so the block may use its hand-written paths (``_ReLUConcat`` under autograd, ``out=`` writes into
+    preallocated buffers without it; the same numbers, less memory and fewer copies). Everything else sees the plain
+    split/concat formulation, which compilers and exporters fuse themselves."""
     return (
         type(act) is nn.ReLU
         and type(x) is torch.Tensor
-        and not torch.is_grad_enabled()
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
     )
+
+
+class _ReLUConcat(torch.autograd.Function):
+    """``cat([head, relu(t_1), relu(t_2), ...], dim=1)`` that keeps only its output for the backward pass.
+
+    The ReLU masks are read back from the output (``relu(t) > 0`` exactly where ``t > 0``), so in training each
+    activation of the cascade is stored once, in the tensor the next conv saves anyway, instead of once by its ReLU
+    and again by the concat. Gradients are those of ``torch.cat`` and ``torch.relu`` (first order only).
+    """
+
+    @staticmethod
+    def forward(ctx, head: torch.Tensor, *tails: torch.Tensor) -> torch.Tensor:
+        out = torch.cat([head, *tails], dim=1)
+        torch.relu_(out[:, head.shape[1] :])
+        ctx.save_for_backward(out)
+        ctx.sizes = [head.shape[1]] + [t.shape[1] for t in tails]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (out,) = ctx.saved_tensors
+        h = ctx.sizes[0]
+        tails = torch.ops.aten.threshold_backward(grad[:, h:], out[:, h:], 0)
+        return (grad[:, :h], *torch.split(tails, ctx.sizes[1:], dim=1))
 
 
 class HSBlock(nn.Module):
@@ -112,11 +138,13 @@ class HSBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting() or not self._fast_path(x):
             return self._forward_cat(x)
+        if torch.is_grad_enabled():
+            return self._forward_relu_concat(x)
         return self._forward_into_buffer(x)
 
     @torch.jit.unused
     def _fast_path(self, x: torch.Tensor) -> bool:
-        return _can_write_outputs(x, self.act)
+        return _eager_relu(x, self.act)
 
     def _forward_cat(self, x: torch.Tensor) -> torch.Tensor:
         """The cascade with split/concat: differentiable, and what compilers and exporters see (they fuse it)."""
@@ -130,6 +158,20 @@ class HSBlock(nn.Module):
             outs.append(y[:, :keep])
             forwarded = y[:, keep:]
         return torch.cat(outs, dim=1)
+
+    @torch.jit.unused
+    def _forward_relu_concat(self, x: torch.Tensor) -> torch.Tensor:
+        """Eager training: every ReLU runs inside the concat that consumes it (``_ReLUConcat``), so autograd keeps
+        each activation once. ``y_{i,2}`` goes into the next conv's input, ``y_{i,1}`` into the output."""
+        groups = torch.split(x, self.width, dim=1)
+        last, inp, kept = len(self.convs) - 1, groups[1], []
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            y = bn(conv(inp))  # before the ReLU
+            keep = self.out_widths[i]
+            kept.append(y if i == last else y[:, :keep])
+            if i < last:
+                inp = _ReLUConcat.apply(groups[i + 2], y[:, keep:])
+        return _ReLUConcat.apply(groups[0], *kept)
 
     @torch.jit.unused
     def _forward_into_buffer(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,11 +243,13 @@ class HSStridedBlock(nn.Module):
         identity, rest = x[:, : self.width], x[:, self.width :]
         if torch.jit.is_scripting() or not self._fast_path(x):
             return torch.cat([self.pool(identity), self.act(self.bn(self.conv(rest)))], dim=1)
+        if torch.is_grad_enabled():  # the ReLU inside the concat: its output is stored once for backward
+            return _ReLUConcat.apply(self.pool(identity), self.bn(self.conv(rest)))
         return self._forward_into_buffer(identity, rest)
 
     @torch.jit.unused
     def _fast_path(self, x: torch.Tensor) -> bool:
-        return _can_write_outputs(x, self.act)
+        return _eager_relu(x, self.act)
 
     @torch.jit.unused
     def _forward_into_buffer(self, identity: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:

@@ -146,6 +146,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument('--overwrite', action='store_true', help='start a fresh run even if --output has a checkpoint.')
     group.add_argument('--resume', default=None, metavar='PATH', help='continue from a checkpoint (run dir or file).')
+    group.add_argument(
+        '--recovery-interval',
+        type=int,
+        default=0,
+        metavar='N',
+        help='also checkpoint every N optimizer steps inside an epoch, so --resume loses at most N steps '
+        '(0: checkpoints at epoch ends only).',
+    )
     group.add_argument('--epochs', type=int, default=10, help='number of epochs to train.')
     group.add_argument('-b', '--batch-size', type=int, default=128, help='batch size per process.')
     group.add_argument('--grad-accum-steps', type=int, default=1, help='micro-batches accumulated per optimizer step.')

@@ -6,6 +6,7 @@ them the run is a single process. The backend is NCCL on CUDA devices and gloo o
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from dataclasses import dataclass
@@ -139,6 +140,20 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.length, self.world_size))
 
 
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that can start its epoch part-way: it drops the first ``skip`` indices of the epoch's
+    order (set ``skip`` before iterating), which lets a run resumed mid-epoch see exactly the remaining batches
+    without loading the ones it already trained on."""
+
+    skip: int = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(super().__len__() - self.skip, 0)
+
+
 def _seed_worker(worker_id: int) -> None:
     """Give NumPy and Python ``random`` in each worker a seed derived from torch's per-worker seed."""
     seed = torch.initial_seed() % 2**32
@@ -158,11 +173,12 @@ def make_loader(
 ) -> DataLoader:
     """A loader for this process: shuffled, rank-sharded and epoch-seeded for training; sharded in order for eval.
 
-    Training uses ``DistributedSampler`` even in a single process: its order depends only on (seed, epoch), which
-    the engine sets each epoch with ``set_epoch``, so a resumed run replays the same order.
+    Training uses a ``DistributedSampler`` even in a single process: its order depends only on (seed, epoch), which
+    the engine sets each epoch with ``set_epoch``, so a resumed run replays the same order (from a mid-epoch
+    checkpoint, the rest of it: ``ResumableSampler.skip``).
     """
     if train:
-        sampler: Sampler = DistributedSampler(
+        sampler: Sampler = ResumableSampler(
             dataset,
             num_replicas=info.world_size,
             rank=info.rank,

@@ -5,9 +5,11 @@ accumulation, EMA, checkpoints and resume, progress bars and run records. The ta
 the loss and the metrics (see ``engine.task``).
 
 Determinism and resume: every epoch starts by seeding Python, NumPy and torch from (seed, epoch, rank) and the
-sampler and loader generator from (seed, epoch), and a checkpoint is written after every epoch. A run killed in the
-middle of epoch e therefore resumes from the end of epoch e - 1 and replays epoch e exactly: with
-``--deterministic`` the final weights equal those of an uninterrupted run.
+sampler and loader generator from (seed, epoch), and a checkpoint is written after every epoch and, with
+``--recovery-interval N``, every N optimizer steps inside it (the RNGs are then re-seeded from (seed, epoch, batch,
+rank)). A run killed in the middle of epoch e resumes from its last checkpoint: the sampler skips the batches
+already trained on and the rest of the epoch is replayed exactly, so with ``--deterministic`` (and ``-j 0``; data
+workers would draw their augmentations in another order) the final weights equal those of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -86,8 +88,14 @@ def check_config(cfg: Any) -> None:
     for name in ('epochs', 'batch_size', 'grad_accum_steps'):
         if getattr(cfg, name) < 1:
             raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(cfg, name)}.')
-    if cfg.workers < 0:
-        raise ValueError(f'--workers must be >= 0, got {cfg.workers}.')
+    for name in ('workers', 'recovery_interval'):
+        if getattr(cfg, name, 0) < 0:
+            raise ValueError(f'--{name.replace("_", "-")} must be >= 0, got {getattr(cfg, name)}.')
+
+
+def epoch_seed(cfg: Any, info: DistInfo, epoch: int, batch: int = 0) -> int:
+    """The seed of (epoch, first batch, rank): every epoch and every recovery point starts from its own."""
+    return cfg.seed + 1_000_003 * (epoch + 1) + 7_919 * batch + info.rank
 
 
 def fit(task: Any, cfg: Any) -> Dict[str, Any]:
@@ -160,6 +168,7 @@ def _fit(task: Any, cfg: Any, info: DistInfo) -> Dict[str, Any]:
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
 
     start_epoch, global_step, best, history, elapsed, images_seen, train_time = 0, 0, None, [], 0.0, 0, 0.0
+    start_batch, partial = 0, None  # a mid-epoch checkpoint: batches of start_epoch done, and their running sums
     if resume_state is not None:
         try:
             optimizer.load_state_dict(resume_state['optimizer'])
@@ -176,10 +185,23 @@ def _fit(task: Any, cfg: Any, info: DistInfo) -> Dict[str, Any]:
             ) from None
         set_rng_state(resume_state['rng'])
         start_epoch, global_step = int(resume_state['epoch']), int(resume_state['global_step'])
+        start_batch, partial = int(resume_state.get('batch', 0)), resume_state.get('partial')
+        saved = resume_state.get('config', {})
+        changed = [
+            f'{k}={saved[k]}'
+            for k in ('batch_size', 'grad_accum_steps')
+            if saved.get(k, getattr(cfg, k)) != getattr(cfg, k)
+        ]
+        if start_batch and changed:
+            raise CheckpointError(
+                f'{cfg.resume} was saved in the middle of an epoch with {", ".join(changed)}: resume with the same '
+                'values, since the batches already trained on are counted in them.'
+            )
         best, history = resume_state.get('best'), list(resume_state.get('history', []))
         elapsed = float(resume_state.get('elapsed', 0.0))
         images_seen, train_time = int(resume_state.get('images_seen', 0)), float(resume_state.get('train_time', 0.0))
-        log(info, f'resumed from {cfg.resume}: {start_epoch} epochs done, step {global_step}')
+        within = f' and {start_batch} batches of epoch {start_epoch + 1}' if start_batch else ''
+        log(info, f'resumed from {cfg.resume}: {start_epoch} epochs{within} done, step {global_step}')
 
     train_model: nn.Module = model
     if cfg.torchcompile:
@@ -205,16 +227,51 @@ def _fit(task: Any, cfg: Any, info: DistInfo) -> Dict[str, Any]:
     )
     main = task.main_metric
     final_metrics: Dict[str, float] = {}
+
+    def training_state(epoch: int, step: int, batch: int = 0, progress: Optional[dict] = None) -> Dict[str, Any]:
+        """What --resume needs: ``epoch`` epochs done, plus ``batch`` batches of the next with their running sums."""
+        return {
+            'epoch': epoch,
+            'batch': batch,
+            'partial': progress,
+            'global_step': step,
+            'optimizer': optimizer.state_dict(),
+            'scheduler': scheduler.state_dict(),
+            'ema': ema.module.state_dict() if ema is not None else None,
+            'rng': rng_state(),
+            'config': config_to_dict(cfg),
+            'best': best,
+            'history': logger.history,
+            'elapsed': elapsed + time.time() - start_wall,
+            'images_seen': images_seen,
+            'train_time': train_time,
+        }
+
+    def save_recovery(epoch: int, batch: int, step: int, progress: dict) -> None:
+        if info.is_main:
+            save_checkpoint(
+                output / 'last', model, training_state(epoch, step, batch, progress), _meta(task, cfg, epoch)
+            )
+        seed_everything(epoch_seed(cfg, info, epoch, batch))  # what a run resumed from here starts with
+
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.time()
-        seed_everything(cfg.seed + 1_000_003 * (epoch + 1) + info.rank)
+        first_batch = start_batch if epoch == start_epoch else 0
+        seed_everything(epoch_seed(cfg, info, epoch, first_batch))
         if hasattr(train_loader.sampler, 'set_epoch'):
             train_loader.sampler.set_epoch(epoch)
+        if first_batch and not hasattr(train_loader.sampler, 'skip'):
+            raise CheckpointError(
+                f"{cfg.resume} was saved in the middle of an epoch, and this task's training sampler cannot start "
+                'part-way (build the loader with engine.make_loader).'
+            )
+        if hasattr(train_loader.sampler, 'skip'):
+            train_loader.sampler.skip = first_batch * cfg.batch_size
         if getattr(train_loader, 'generator', None) is not None:
             train_loader.generator.manual_seed(cfg.seed + epoch)
         if hasattr(task, 'on_epoch_start'):
             task.on_epoch_start(epoch)
-        stats, n_images, t_train = _train_one_epoch(
+        stats, n_images, t_train, global_step = _train_one_epoch(
             task,
             cfg,
             info,
@@ -228,8 +285,10 @@ def _fit(task: Any, cfg: Any, info: DistInfo) -> Dict[str, Any]:
             train_loader,
             epoch,
             global_step,
+            first_batch,
+            partial if first_batch else None,
+            save_recovery,
         )
-        global_step += updates_per_epoch
         if cfg.sched_on_epochs:
             scheduler.step(epoch + 1)
         images_seen += n_images * info.world_size
@@ -250,21 +309,7 @@ def _fit(task: Any, cfg: Any, info: DistInfo) -> Dict[str, Any]:
         logger.log_epoch(row)
         log(info, 'epoch ' + ' '.join(f'{k}={_fmt(v)}' for k, v in row.items()))
         if info.is_main:
-            state = {
-                'epoch': epoch + 1,
-                'global_step': global_step,
-                'optimizer': optimizer.state_dict(),
-                'scheduler': scheduler.state_dict(),
-                'ema': ema.module.state_dict() if ema is not None else None,
-                'rng': rng_state(),
-                'config': config_to_dict(cfg),
-                'best': best,
-                'history': logger.history,
-                'elapsed': elapsed + time.time() - start_wall,
-                'images_seen': images_seen,
-                'train_time': train_time,
-            }
-            save_checkpoint(output / 'last', model, state, _meta(task, cfg, epoch + 1))
+            save_checkpoint(output / 'last', model, training_state(epoch + 1, global_step), _meta(task, cfg, epoch + 1))
         barrier()
 
     if not final_metrics:  # resumed a finished run: evaluate once for the summary
@@ -297,20 +342,41 @@ def _meta(task: Any, cfg: Any, epoch: int) -> Dict[str, Any]:
 
 
 def _train_one_epoch(
-    task, cfg, info, train_model, model, ddp, optimizer, scheduler, scaler, ema, loader, epoch, global_step
+    task,
+    cfg,
+    info,
+    train_model,
+    model,
+    ddp,
+    optimizer,
+    scheduler,
+    scaler,
+    ema,
+    loader,
+    epoch,
+    global_step,
+    first_batch=0,
+    progress=None,
+    save_recovery=None,
 ):
-    """One pass over ``loader``; returns (mean of each step output, images seen by this rank, seconds)."""
+    """One pass over ``loader`` (whose sampler already skips ``first_batch`` batches done before a resume, with their
+    ``progress``); returns (mean of each step output, images seen by this rank, seconds, global step)."""
     from tqdm import tqdm
 
     train_model.train()
-    accum, n = cfg.grad_accum_steps, len(loader)
-    sums: Dict[str, float] = {}
-    n_images, t0 = 0, time.time()
+    accum, n = cfg.grad_accum_steps, first_batch + len(loader)
+    progress = progress or {}
+    sums: Dict[str, float] = dict(progress.get('sums', {}))
+    n_images, t_before, t0 = int(progress.get('n_images', 0)), float(progress.get('train_time', 0.0)), time.time()
     bar = tqdm(
-        total=n, desc=f'epoch {epoch + 1}/{cfg.epochs}', unit='batch', disable=cfg.no_progress or not info.is_main
+        total=n,
+        initial=first_batch,
+        desc=f'epoch {epoch + 1}/{cfg.epochs}',
+        unit='batch',
+        disable=cfg.no_progress or not info.is_main,
     )
     optimizer.zero_grad(set_to_none=True)
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(loader, start=first_batch):
         batch = to_device(batch, info.device, cfg.channels_last)
         n_images += batch_size_of(task, batch)
         last_micro = (i + 1) % accum == 0 or i + 1 == n
@@ -340,13 +406,17 @@ def _train_one_epoch(
         for k, v in out.items():
             if torch.is_tensor(v) and v.numel() == 1:
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-        rate = n_images * info.world_size / max(time.time() - t0, 1e-9)
+        rate = (n_images - progress.get('n_images', 0)) * info.world_size / max(time.time() - t0, 1e-9)
         bar.set_postfix(
             loss=f'{sums["loss"] / (i + 1):.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.3g}', img_s=f'{rate:.0f}'
         )
         bar.update()
+        interval = getattr(cfg, 'recovery_interval', 0)
+        if save_recovery is not None and interval and last_micro and global_step % interval == 0 and i + 1 < n:
+            partial = {'sums': dict(sums), 'n_images': n_images, 'train_time': t_before + time.time() - t0}
+            save_recovery(epoch, i + 1, global_step, partial)
     bar.close()
-    return {k: v / max(n, 1) for k, v in sums.items()}, n_images, time.time() - t0
+    return {k: v / max(n, 1) for k, v in sums.items()}, n_images, t_before + time.time() - t0, global_step
 
 
 @torch.no_grad()
