@@ -255,3 +255,17 @@ def test_array_transform_random_erasing_per_image():
     for r, c, ch in zip(rows, cols, (erased != plain)[:, 0]):
         box = ch[r.nonzero().min() : r.nonzero().max() + 1, c.nonzero().min() : c.nonzero().max() + 1]
         assert box.float().mean() > 0.9  # the changes fill one box (noise can equal the pixel by chance)
+
+
+@pytest.mark.parametrize('recipe', sorted(Path('configs').glob('*.yaml')), ids=lambda p: p.stem)
+def test_every_recipe_resolves_with_known_flags(recipe):
+    """Each YAML in configs/ names only real flags with valid values (a typo would be a clear error at start)."""
+    import argparse
+
+    from hsresnet.classification import train
+    from hsresnet.engine import resolve_config
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    cfg = resolve_config(parser.parse_args(['-c', str(recipe)]), parser)
+    assert cfg.epochs >= 1 and cfg.model

@@ -104,7 +104,7 @@ def test_yaml_config_under_typed_flags(tmp_path):
     cfg = resolve_config(parser.parse_args(['-c', str(recipe), '--epochs', '10']), parser)
     assert cfg.epochs == 10
     recipe.write_text('epochz: 3\n')
-    with pytest.raises(ValueError, match='unknown keys'):
+    with pytest.raises(ValueError, match="unknown keys.*'epochz' -> 'epochs'"):
         resolve_config(parser.parse_args(['-c', str(recipe)]), parser)
     with pytest.raises(ValueError, match='key=value'):
         parse_kwargs(['w16'])

@@ -97,12 +97,16 @@ def resolve_config(args: argparse.Namespace, parser: Optional[argparse.ArgumentP
         return cfg
     explicit = getattr(args, _EXPLICIT, set())
     data = load_yaml_config(path)
-    known = set(vars(cfg))
+    known = {k for k in vars(cfg) if not k.startswith('_')}
     unknown = sorted(set(data) - known)
     if unknown:
+        import difflib
+
+        close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hints = ', '.join(f'{k!r} -> {m[0]!r}?' for k, m in close.items() if m)
         raise ValueError(
-            f'config file {path} has unknown keys {unknown}; valid keys are the flag names of this command '
-            f'(see --help), e.g. {sorted(known)[:8]} ...'
+            f'config file {path} has unknown keys {unknown}{f" (did you mean: {hints})" if hints else ""}; valid keys '
+            f'are the flag names of this command (see --help), e.g. {sorted(known)[:6]} ...'
         )
     for key, value in data.items():
         if key not in explicit:
