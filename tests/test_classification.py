@@ -269,3 +269,32 @@ def test_every_recipe_resolves_with_known_flags(recipe):
     train.add_arguments(parser)
     cfg = resolve_config(parser.parse_args(['-c', str(recipe)]), parser)
     assert cfg.epochs >= 1 and cfg.model
+
+
+def test_export_optimize_folds_bn_and_is_checked(trained, tmp_path):
+    """export --optimize: TorchScript and ONNX of the BN-folded model, both agreeing with the trained model."""
+    import onnx
+    import onnxruntime as ort
+
+    from hsresnet.classification.task import load_classifier
+    from hsresnet.optimize import fast_bf16_available
+
+    out = tmp_path / 'export'
+    assert main(['export', str(trained), '--output', str(out), '--optimize']) == 0
+    report = json.loads((out / 'export.json').read_text())
+    assert report['optimized']['bn_folded']
+    assert report['optimized']['torchscript_dtype'] == ('bfloat16' if fast_bf16_available() else 'float32')
+    model, _ = load_classifier(str(trained))
+    x = torch.randn(6, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+    session = ort.InferenceSession(str(out / 'model.onnx'), providers=['CPUExecutionProvider'])
+    assert not any(
+        n.op_type == 'BatchNormalization' for n in __import__('onnx').load(str(out / 'model.onnx')).graph.node
+    )
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(onnx_out), expected, atol=1e-3, rtol=1e-3)
+    scripted = torch.jit.load(str(out / 'model.ts'))
+    got = scripted(x)
+    assert got.dtype == torch.float32
+    assert float((got - expected).abs().max()) <= 5e-2 * max(1.0, float(expected.abs().max()))

@@ -2,6 +2,9 @@
 
 TorchScript is compared with the eager model; ONNX is run with onnxruntime and compared with the eager model (a
 mismatch is an error, no silent bad file). ``export.json`` records the classes and the preprocessing.
+``--optimize`` exports the inference form of :func:`hsresnet.optimize.optimize` instead: BN folded into the convs,
+and for TorchScript also channels_last and bf16 where this machine has native bf16 (ONNX stays float32 NCHW, the
+portable form: runtimes pick their own precision and layout).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ..engine import CheckpointError, save_weights, write_json
 from .task import load_classifier
 
 FORMATS = ('safetensors', 'torchscript', 'onnx')
+BF16_ATOL = 5e-2  # bf16 keeps 8 bits of mantissa: logits move by about 1 % of their scale through a deep net
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--formats', nargs='+', default=list(FORMATS), choices=FORMATS, help='what to export.')
     parser.add_argument('--opset', type=int, default=18, help='ONNX opset.')
     parser.add_argument('--atol', type=float, default=1e-4, help='tolerance of the output checks (x max |logit|).')
+    parser.add_argument(
+        '--optimize',
+        action='store_true',
+        help='export hsresnet.optimize(model): BN folded; TorchScript also channels_last + bf16 where the CPU/GPU has '
+        f'native bf16 (then checked at --atol {BF16_ATOL:g}).',
+    )
 
 
 def _check(name: str, expected: torch.Tensor, got: torch.Tensor, atol: float) -> float:
@@ -46,23 +56,33 @@ def export(args: argparse.Namespace) -> Dict[str, Any]:
     with torch.no_grad():
         expected = model(example)
     report: Dict[str, Any] = {'model': meta['model'], 'input_shape': [-1, c, s, s], 'files': {}, 'max_abs_err': {}}
+    script_model, onnx_model, script_atol = model, model, args.atol
+    if args.optimize:
+        from ..optimize import optimize
+
+        script_model = optimize(model)
+        onnx_model = optimize(model, channels_last=False, bf16=False)
+        report['optimized'] = {'torchscript_dtype': str(script_model.dtype).replace('torch.', ''), 'bn_folded': True}
+        if script_model.dtype == torch.bfloat16:
+            script_atol = max(args.atol, BF16_ATOL)
     if 'safetensors' in args.formats:
         keep = {k: v for k, v in meta.items() if not k.startswith('_') and k not in ('token', 'checkpoint')}
         report['files']['safetensors'] = str(save_weights(out / 'model.safetensors', model.state_dict(), keep))
     if 'torchscript' in args.formats:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter('ignore')  # jit deprecation and the input-check TracerWarning: checked below
-            traced = torch.jit.trace(model, example[:1], check_trace=False)
+            traced = torch.jit.trace(script_model, example[:1], check_trace=False)
         path = out / 'model.ts'
         traced.save(str(path))
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             loaded = torch.jit.load(str(path))
         with torch.no_grad():
-            report['max_abs_err']['torchscript'] = _check('TorchScript', expected, loaded(example), args.atol)
+            got = loaded(example)
+        report['max_abs_err']['torchscript'] = _check('TorchScript', expected, got, script_atol)
         report['files']['torchscript'] = str(path)
     if 'onnx' in args.formats:
-        report['max_abs_err']['onnx'] = export_onnx(model, example, expected, out / 'model.onnx', args)
+        report['max_abs_err']['onnx'] = export_onnx(onnx_model, example, expected, out / 'model.onnx', args)
         report['files']['onnx'] = str(out / 'model.onnx')
     report['preprocessing'] = {k: meta.get(k) for k in ('img_size', 'mean', 'std', 'crop_pct', 'interpolation')}
     report['classes'] = meta.get('classes')
