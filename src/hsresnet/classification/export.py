@@ -2,9 +2,9 @@
 
 TorchScript is compared with the eager model; ONNX is run with onnxruntime and compared with the eager model (a
 mismatch is an error, no silent bad file). ``export.json`` records the classes and the preprocessing.
-``--optimize`` exports the inference form of :func:`hsresnet.optimize.optimize` instead: BN folded into the convs,
-and for TorchScript also channels_last and bf16 where this machine has native bf16 (ONNX stays float32 NCHW, the
-portable form: runtimes pick their own precision and layout).
+``--optimize`` makes the TorchScript file from :func:`hsresnet.optimize.optimize` instead: BN folded into the convs,
+channels_last, and bf16 where this machine has native bf16. ONNX stays float32 NCHW, the portable form (the exporter
+folds BN itself; runtimes pick their own precision and layout).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--optimize',
         action='store_true',
-        help='export hsresnet.optimize(model): BN folded; TorchScript also channels_last + bf16 where the CPU/GPU has '
-        f'native bf16 (then checked at --atol {BF16_ATOL:g}).',
+        help='TorchScript of hsresnet.optimize(model): BN folded, channels_last, bf16 where the CPU/GPU has native bf16 '
+        f'(then checked at --atol {BF16_ATOL:g}). ONNX is float32 either way (the exporter folds BN itself).',
     )
 
 
@@ -56,12 +56,11 @@ def export(args: argparse.Namespace) -> Dict[str, Any]:
     with torch.no_grad():
         expected = model(example)
     report: Dict[str, Any] = {'model': meta['model'], 'input_shape': [-1, c, s, s], 'files': {}, 'max_abs_err': {}}
-    script_model, onnx_model, script_atol = model, model, args.atol
+    script_model, script_atol = model, args.atol
     if args.optimize:
         from ..optimize import optimize
 
         script_model = optimize(model)
-        onnx_model = optimize(model, channels_last=False, bf16=False)
         report['optimized'] = {'torchscript_dtype': str(script_model.dtype).replace('torch.', ''), 'bn_folded': True}
         if script_model.dtype == torch.bfloat16:
             script_atol = max(args.atol, BF16_ATOL)
@@ -82,7 +81,7 @@ def export(args: argparse.Namespace) -> Dict[str, Any]:
         report['max_abs_err']['torchscript'] = _check('TorchScript', expected, got, script_atol)
         report['files']['torchscript'] = str(path)
     if 'onnx' in args.formats:
-        report['max_abs_err']['onnx'] = export_onnx(onnx_model, example, expected, out / 'model.onnx', args)
+        report['max_abs_err']['onnx'] = export_onnx(model, example, expected, out / 'model.onnx', args)
         report['files']['onnx'] = str(out / 'model.onnx')
     report['preprocessing'] = {k: meta.get(k) for k in ('img_size', 'mean', 'std', 'crop_pct', 'interpolation')}
     report['classes'] = meta.get('classes')
