@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--optimize',
         action='store_true',
-        help='TorchScript of hsresnet.optimize(model): BN folded, channels_last, bf16 where the CPU/GPU has native bf16 '
+        help='TorchScript of hsresnet.optimize(model): BN folded, channels_last, bf16 where the device has native bf16 '
         f'(then checked at --atol {BF16_ATOL:g}). ONNX is float32 either way (the exporter folds BN itself).',
     )
 
