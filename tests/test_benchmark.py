@@ -12,7 +12,8 @@ from hsresnet.cli import main
 
 def test_benchmark_cli_inference_and_train(tmp_path, capsys):
     out = tmp_path / 'r.json'
-    args = ['benchmark', '-m', 'hs_resnet26', '--baselines', '', '--optimized', '-b', '2', '--img-size', '32',
+    args = ['benchmark', '-m', 'hs_resnet26', '--baselines', '', '--optimized', '--onnxruntime', '-b', '2',
+            '--img-size', '32',
             '--warmup', '1', '--repeats', '2', '--threads', '1', '--num-classes', '10',
             '--results-file', str(out), '--csv', str(tmp_path / 'r.csv')]  # fmt: skip
     assert main(args) == 0
@@ -20,7 +21,8 @@ def test_benchmark_cli_inference_and_train(tmp_path, capsys):
     rows = {(r['model'], r['bench']): r for r in data['results']}
     assert set(rows) == {
         ('resnet50', 'inference'), ('hs_resnet26', 'inference'), ('hs_resnet26@reference', 'inference'),
-        ('hs_resnet26@optimized', 'inference'), ('resnet50', 'train'), ('hs_resnet26', 'train'),
+        ('hs_resnet26@optimized', 'inference'), ('hs_resnet26@onnxruntime', 'inference'),
+        ('resnet50', 'train'), ('hs_resnet26', 'train'),
         ('hs_resnet26@reference', 'train'),
     }  # fmt: skip
     base = rows['resnet50', 'inference']
@@ -32,11 +34,16 @@ def test_benchmark_cli_inference_and_train(tmp_path, capsys):
         assert r['samples_per_sec'] > 0 and r['step_time_ms'] > 0
         assert r['samples_per_sec'] == pytest.approx(r['batch_size'] / r['step_time_ms'] * 1e3)
         assert r['gmac_per_sec'] == pytest.approx(r['gmacs'] * r['samples_per_sec'])
-        assert r['peak_mem_mb_per_image'] > 0
+        assert (
+            r['peak_mem_mb_per_image'] is None
+            if r['model'].endswith('@onnxruntime')
+            else r['peak_mem_mb_per_image'] > 0
+        )
         assert r['samples_per_sec_ratio'] == pytest.approx(
             r['samples_per_sec'] / rows['resnet50', r['bench']]['samples_per_sec']
         )
     assert rows['hs_resnet26', 'train']['gmacs'] == pytest.approx(3 * hs['gmacs'])
+    assert rows['hs_resnet26@onnxruntime', 'inference']['gmacs'] == pytest.approx(hs['gmacs'])
     assert data['meta']['torch'] == torch.__version__ and data['meta']['device'] == 'cpu'
     with open(tmp_path / 'r.csv') as f:
         assert len(list(csv.DictReader(f))) == len(data['results'])

@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument('--no-reference', action='store_true', help='skip the plain reference HS block models')
     parser.add_argument('--optimized', action='store_true', help='add hsresnet.optimize(model) (inference only)')
+    parser.add_argument(
+        '--onnxruntime',
+        action='store_true',
+        help='add <model>@onnxruntime: the model exported by torch.onnx (dynamo) and run by onnxruntime with the same '
+        'threads (inference only; the portable path)',
+    )
     parser.add_argument('--bench', choices=('inference', 'train', 'both'), default='both')
     parser.add_argument('-b', '--batch-size', type=int, nargs='+', default=[8], help='one or more batch sizes')
     parser.add_argument('--img-size', type=int, default=224)
@@ -119,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
                 specs.append({'name': f'{n}@reference', 'model': n, 'kwargs': {}, 'reference': True})
             if args.optimized:
                 specs.append({'name': f'{n}@optimized', 'model': n, 'kwargs': {}, 'optimized': True})
+            if args.onnxruntime:
+                specs.append({'name': f'{n}@onnxruntime', 'model': n, 'kwargs': {}, 'onnxruntime': True})
     unknown = sorted({s['model'] for s in specs} - known)
     if unknown:
         raise SystemExit(f'hsresnet benchmark: unknown model(s) {unknown}; see timm.list_models("hs_*").')
@@ -131,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     for kind in kinds:
         batch_sizes = sorted(set(args.batch_size) | ({1} if args.sweep else set()))
         for batch in batch_sizes:
-            entries = [s for s in specs if not (kind == 'train' and s.get('optimized'))]
+            entries = [s for s in specs if not (kind == 'train' and (s.get('optimized') or s.get('onnxruntime')))]
             group = bench_group(entries, kind, batch, device, args)
             print_table(group)
             rows += group
@@ -214,14 +222,16 @@ def bench_group(
     for spec in specs:
         model = build(spec, kind, device, args)
         base = model.model if spec.get('optimized') else model
+        twin = spec.get('optimized') or spec.get('onnxruntime')
         macs = None
-        if not spec.get('optimized'):  # the optimized twin has the same arithmetic: filled in below
+        if not twin:  # an optimized or exported twin has the same arithmetic as its eager model: filled in below
             eval_copy = copy.deepcopy(base).float().eval()
             macs = count_macs(eval_copy, args.img_size) * (TRAIN_MAC_FACTOR if kind == 'train' else 1)
         params = sum(p.numel() for p in base.parameters())
-        step = make_step(
-            model, kind, batch, device, args, compiled=bool(args.torchcompile) and not spec.get('optimized')
-        )
+        if spec.get('onnxruntime'):
+            step = onnxruntime_step(model, batch, device, args)
+        else:
+            step = make_step(model, kind, batch, device, args, compiled=bool(args.torchcompile) and not twin)
         for _ in range(args.warmup):
             step()
         sync()
@@ -249,11 +259,12 @@ def bench_group(
             times[i].append((time.perf_counter() - start) / args.iters)
     for i, row in enumerate(rows):
         t = statistics.median(times[i])
-        if row['gmacs'] is None:  # the optimized model: same arithmetic as its eager twin
+        if row['gmacs'] is None:  # an optimized or exported twin: the arithmetic of its eager model
             row['gmacs'] = next((r['gmacs'] for r in rows if r['model'] == row['model'].split('@')[0]), None)
         row.update(step_time_ms=t * 1e3, step_time_ms_min=min(times[i]) * 1e3, samples_per_sec=batch / t)
         row['gmac_per_sec'] = row['gmacs'] * batch / t if row['gmacs'] else None
-        peak = None if args.no_memory else peak_memory(steps[i], device)
+        no_peak = args.no_memory or specs[i].get('onnxruntime')  # onnxruntime's arena is not torch's allocator
+        peak = None if no_peak else peak_memory(steps[i], device)
         row['peak_mem_mb_per_image'] = peak / batch / 2**20 if peak is not None else None
     base = next((r for r in rows if r['model'] == RATIO_BASE), None)
     for row in rows:
@@ -292,6 +303,34 @@ def make_step(
         optimizer.zero_grad(set_to_none=True)  # at the end: each step (and its memory profile) starts without grads
 
     return train_step
+
+
+def onnxruntime_step(
+    model: nn.Module, batch: int, device: torch.device, args: argparse.Namespace
+) -> Callable[[], None]:
+    """Export ``model`` (eval, float32) with torch.onnx's dynamo exporter into a temporary file and return one
+    onnxruntime inference step on a fixed random batch, with as many intra-op threads as torch uses."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    x = torch.randn(batch, 3, args.img_size, args.img_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'model.onnx')
+        torch.onnx.export(model.cpu().eval(), (x,), path, dynamo=True, external_data=False, verbose=False)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        provider = 'CUDAExecutionProvider' if device.type == 'cuda' else 'CPUExecutionProvider'
+        if provider not in ort.get_available_providers():
+            raise SystemExit(f'hsresnet benchmark: onnxruntime has no {provider} here; drop --onnxruntime.')
+        session = ort.InferenceSession(path, options, providers=[provider])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+
+    def step() -> None:
+        session.run(None, feed)
+
+    return step
 
 
 def peak_memory(step: Callable[[], None], device: torch.device) -> Optional[float]:
