@@ -108,6 +108,10 @@ class HSBlock(nn.Module):
         dilation: dilation (and padding) of every 3x3 conv.
         norm_layer: called as ``norm_layer(C)``; ``FrozenBatchNorm2d`` works.
         act_layer: activation class, built with ``inplace=True``.
+
+    With a ReLU in eager training the output is what autograd keeps for the ReLUs' backward (they run inside the
+    final concat, ``_ReLUConcat``): modifying it in place afterwards (an in-place ReLU, ``+=``) is refused by
+    autograd, so follow the block with out-of-place ops, as ``HSBottleneck`` and :func:`hsresnet.hsify` do.
     """
 
     def __init__(
