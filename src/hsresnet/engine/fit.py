@@ -17,8 +17,9 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -212,6 +213,7 @@ def _fit(task: Any, cfg: Any, info: DistInfo) -> Dict[str, Any]:
         train_model = ddp
     use_scaler = cfg.amp and device.type == 'cuda' and cfg.amp_dtype == 'float16'
     scaler = torch.amp.GradScaler('cuda', enabled=use_scaler)
+    step_parts = _StepParts(train_model, model, ddp, optimizer, scheduler, scaler, ema)
 
     if info.is_main:
         output.mkdir(parents=True, exist_ok=True)
@@ -272,22 +274,7 @@ def _fit(task: Any, cfg: Any, info: DistInfo) -> Dict[str, Any]:
         if hasattr(task, 'on_epoch_start'):
             task.on_epoch_start(epoch)
         stats, n_images, t_train, global_step = _train_one_epoch(
-            task,
-            cfg,
-            info,
-            train_model,
-            model,
-            ddp,
-            optimizer,
-            scheduler,
-            scaler,
-            ema,
-            train_loader,
-            epoch,
-            global_step,
-            first_batch,
-            partial if first_batch else None,
-            save_recovery,
+            task, cfg, info, step_parts, train_loader, epoch, global_step, first_batch, partial, save_recovery
         )
         if cfg.sched_on_epochs:
             scheduler.step(epoch + 1)
@@ -341,31 +328,41 @@ def _meta(task: Any, cfg: Any, epoch: int) -> Dict[str, Any]:
     return meta
 
 
+@dataclass
+class _StepParts:
+    """What a training step touches: the module it calls (compiled and/or DDP-wrapped), the plain model, and the
+    optimizer, scheduler, grad scaler and EMA."""
+
+    train_model: nn.Module
+    model: nn.Module
+    ddp: Optional[DistributedDataParallel]
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    ema: Any
+
+
 def _train_one_epoch(
-    task,
-    cfg,
-    info,
-    train_model,
-    model,
-    ddp,
-    optimizer,
-    scheduler,
-    scaler,
-    ema,
-    loader,
-    epoch,
-    global_step,
-    first_batch=0,
-    progress=None,
-    save_recovery=None,
+    task: Any,
+    cfg: Any,
+    info: DistInfo,
+    parts: _StepParts,
+    loader: Any,
+    epoch: int,
+    global_step: int,
+    first_batch: int = 0,
+    progress: Optional[dict] = None,
+    save_recovery: Optional[Callable[[int, int, int, dict], None]] = None,
 ):
     """One pass over ``loader`` (whose sampler already skips ``first_batch`` batches done before a resume, with their
     ``progress``); returns (mean of each step output, images seen by this rank, seconds, global step)."""
     from tqdm import tqdm
 
+    train_model, model, ddp, optimizer = parts.train_model, parts.model, parts.ddp, parts.optimizer
+    scheduler, scaler, ema = parts.scheduler, parts.scaler, parts.ema
     train_model.train()
     accum, n = cfg.grad_accum_steps, first_batch + len(loader)
-    progress = progress or {}
+    progress = (progress or {}) if first_batch else {}
     sums: Dict[str, float] = dict(progress.get('sums', {}))
     n_images, t_before, t0 = int(progress.get('n_images', 0)), float(progress.get('train_time', 0.0)), time.time()
     bar = tqdm(
