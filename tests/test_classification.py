@@ -298,3 +298,15 @@ def test_export_optimize_folds_bn_and_is_checked(trained, tmp_path):
     got = scripted(x)
     assert got.dtype == torch.float32
     assert float((got - expected).abs().max()) <= 5e-2 * max(1.0, float(expected.abs().max()))
+
+
+@pytest.mark.slow
+def test_released_long_recipe_weights_reach_94_percent(tmp_path):
+    """The EMA weights of the measured configs/fashion_mnist_long.yaml run, on all 10 000 test images, in fp32."""
+    weights = Path('benchmarks/results/fashion_mnist_long/model_ema.safetensors')
+    out = tmp_path / 'res.json'
+    assert main(['validate', str(weights), '-j', '0', '-b', '500', '--results-file', str(out)]) == 0
+    res = json.loads(out.read_text())
+    recorded = json.loads((weights.parent / 'summary.json').read_text())
+    assert res['num_images'] == 10_000 and res['top1'] >= 94.0
+    assert res['top1'] == pytest.approx(recorded['top1'], abs=0.1)  # the run evaluated in bf16 autocast

@@ -73,13 +73,14 @@ class _ReLUConcat(torch.autograd.Function):
 
     The ReLU masks are read back from the output (``relu(t) > 0`` exactly where ``t > 0``), so in training each
     activation of the cascade is stored once, in the tensor the next conv saves anyway, instead of once by its ReLU
-    and again by the concat. Gradients are those of ``torch.cat`` and ``torch.relu`` (first order only).
+    and again by the concat. Gradients are those of ``torch.cat`` and ``torch.relu`` (first order only). Each ReLU
+    and each ReLU gradient runs on its own whole tensor, not on a channel slice of the concat: strided elementwise
+    ops on slices made a channels_last bf16 training step about 10 % slower.
     """
 
     @staticmethod
     def forward(ctx, head: torch.Tensor, *tails: torch.Tensor) -> torch.Tensor:
-        out = torch.cat([head, *tails], dim=1)
-        torch.relu_(out[:, head.shape[1] :])
+        out = torch.cat([head, *(torch.relu(t) for t in tails)], dim=1)
         ctx.save_for_backward(out)
         ctx.sizes = [head.shape[1]] + [t.shape[1] for t in tails]
         return out
@@ -88,9 +89,9 @@ class _ReLUConcat(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (out,) = ctx.saved_tensors
-        h = ctx.sizes[0]
-        tails = torch.ops.aten.threshold_backward(grad[:, h:], out[:, h:], 0)
-        return (grad[:, :h], *torch.split(tails, ctx.sizes[1:], dim=1))
+        grads, outs = torch.split(grad, ctx.sizes, dim=1), torch.split(out, ctx.sizes, dim=1)
+        tails = (torch.ops.aten.threshold_backward(g, o, 0) for g, o in zip(grads[1:], outs[1:]))
+        return (grads[0], *tails)
 
 
 class HSBlock(nn.Module):
