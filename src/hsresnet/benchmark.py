@@ -321,6 +321,8 @@ def onnxruntime_step(
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # onnxruntime's threads otherwise spin-wait after each run and slow the next model of the round
+        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
         provider = 'CUDAExecutionProvider' if device.type == 'cuda' else 'CPUExecutionProvider'
         if provider not in ort.get_available_providers():
             raise SystemExit(f'hsresnet benchmark: onnxruntime has no {provider} here; drop --onnxruntime.')
