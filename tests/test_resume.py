@@ -8,12 +8,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from hsresnet.cli import main
-from hsresnet.engine import load_checkpoint, load_weights
+from hsresnet.engine import load_checkpoint, load_weights, save_checkpoint
 
 ARGS = [
     'train', '--model', 'hs_resnet26_small', '--model-kwargs', 'channels=[8,16,32,64]', 'w=16', 's=2',
@@ -94,6 +95,12 @@ def test_crash_after_a_recovery_checkpoint_resumes_mid_epoch(tmp_path, monkeypat
     capsys.readouterr()
     assert main([*args, '-b', '16', '--output', str(crashed), '--resume', str(crashed)]) != 0
     assert 'saved in the middle of an epoch with batch_size=32' in capsys.readouterr().err
+    weights, state, meta = load_checkpoint(crashed)  # the same checkpoint, as if saved by 2 torchrun processes
+    save_checkpoint(
+        tmp_path / 'two' / 'last', SimpleNamespace(state_dict=lambda: weights), {**state, 'world_size': 2}, meta
+    )
+    assert main([*args, '--output', str(tmp_path / 'two'), '--resume', str(tmp_path / 'two')]) != 0
+    assert 'saved in the middle of an epoch with 2 processes' in capsys.readouterr().err
     assert main([*args, '--output', str(crashed), '--resume', str(crashed)]) == 0
     a, _ = load_weights(full / 'model.safetensors')
     b, _ = load_weights(crashed / 'model.safetensors')

@@ -193,6 +193,8 @@ def _fit(task: Any, cfg: Any, info: DistInfo) -> Dict[str, Any]:
             for k in ('batch_size', 'grad_accum_steps')
             if saved.get(k, getattr(cfg, k)) != getattr(cfg, k)
         ]
+        if resume_state.get('world_size', info.world_size) != info.world_size:
+            changed.append(f'{resume_state["world_size"]} processes')
         if start_batch and changed:
             raise CheckpointError(
                 f'{cfg.resume} was saved in the middle of an epoch with {", ".join(changed)}: resume with the same '
@@ -236,6 +238,7 @@ def _fit(task: Any, cfg: Any, info: DistInfo) -> Dict[str, Any]:
             'epoch': epoch,
             'batch': batch,
             'partial': progress,
+            'world_size': info.world_size,
             'global_step': step,
             'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(),
