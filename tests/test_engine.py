@@ -229,9 +229,10 @@ if sys.argv[1] == 'keep':
 torch.set_num_threads(1)
 model = hsresnet.create_model('hs_resnet26_small', num_classes=10, in_chans=1, channels=[8, 16, 32, 64], w=8, s=3)
 x = torch.randn(32, 1, 28, 28)
-model(x).sum().backward()
+for _ in range(3):  # the heap grows to its working size
+    model(x).sum().backward()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+for _ in range(5):
     model(x).sum().backward()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -247,4 +248,5 @@ def test_keep_freed_memory_stops_page_fault_churn():
         return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
 
     default, kept = faults('default'), faults('keep')
-    assert kept * 3 < default, f'minor page faults per 3 steps: {default} with glibc defaults, {kept} after the call'
+    # measured: about 40 000 faults in 5 steps with glibc's defaults, under 1 000 after the call
+    assert kept * 4 < default, f'minor page faults in 5 steps: {default} with glibc defaults, {kept} after the call'
