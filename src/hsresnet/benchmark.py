@@ -314,10 +314,12 @@ def onnxruntime_step(
 
     import onnxruntime as ort
 
+    from .classification.export import write_onnx
+
     x = torch.randn(batch, 3, args.img_size, args.img_size)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, 'model.onnx')
-        torch.onnx.export(model.cpu().eval(), (x,), path, dynamo=True, external_data=False, verbose=False)
+        write_onnx(model.cpu().eval(), x, path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

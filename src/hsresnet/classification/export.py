@@ -89,10 +89,9 @@ def export(args: argparse.Namespace) -> Dict[str, Any]:
     return report
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, expected: torch.Tensor, path: Path, args) -> float:
-    """torch.onnx (dynamo exporter) with a dynamic batch axis, then an onnxruntime run on a batch of 2."""
-    import onnxruntime as ort
-
+def write_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path, opset: int = 18) -> None:
+    """The project's ONNX file: torch.onnx's dynamo exporter, input ``input``, output ``logits``, a dynamic batch axis,
+    weights inside the file."""
     batch = torch.export.Dim('batch', min=1, max=4096)
     torch.onnx.export(
         model,
@@ -101,10 +100,17 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, expected: torch.T
         input_names=['input'],
         output_names=['logits'],
         dynamic_shapes=({0: batch},),
-        opset_version=args.opset,
+        opset_version=opset,
         dynamo=True,
         external_data=False,
     )
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, expected: torch.Tensor, path: Path, args) -> float:
+    """``write_onnx``, then an onnxruntime run on the example batch, compared with the PyTorch outputs."""
+    import onnxruntime as ort
+
+    write_onnx(model, example, path, args.opset)
     session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     (got,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})
     return _check('ONNX (onnxruntime)', expected, torch.from_numpy(got), args.atol)

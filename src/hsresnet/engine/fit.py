@@ -90,7 +90,7 @@ def check_config(cfg: Any) -> None:
         if getattr(cfg, name) < 1:
             raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(cfg, name)}.')
     for name in ('workers', 'recovery_interval'):
-        if getattr(cfg, name, 0) < 0:
+        if getattr(cfg, name) < 0:
             raise ValueError(f'--{name.replace("_", "-")} must be >= 0, got {getattr(cfg, name)}.')
 
 
@@ -364,7 +364,7 @@ def _train_one_epoch(
     train_model, model, ddp, optimizer = parts.train_model, parts.model, parts.ddp, parts.optimizer
     scheduler, scaler, ema = parts.scheduler, parts.scaler, parts.ema
     train_model.train()
-    accum, n = cfg.grad_accum_steps, first_batch + len(loader)
+    accum, n, interval = cfg.grad_accum_steps, first_batch + len(loader), cfg.recovery_interval
     progress = (progress or {}) if first_batch else {}
     sums: Dict[str, float] = dict(progress.get('sums', {}))
     n_images, t_before, t0 = int(progress.get('n_images', 0)), float(progress.get('train_time', 0.0)), time.time()
@@ -411,7 +411,6 @@ def _train_one_epoch(
             loss=f'{sums["loss"] / (i + 1):.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.3g}', img_s=f'{rate:.0f}'
         )
         bar.update()
-        interval = getattr(cfg, 'recovery_interval', 0)
         if save_recovery is not None and interval and last_micro and global_step % interval == 0 and i + 1 < n:
             partial = {'sums': dict(sums), 'n_images': n_images, 'train_time': t_before + time.time() - t0}
             save_recovery(epoch, i + 1, global_step, partial)
