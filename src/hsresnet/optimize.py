@@ -9,6 +9,7 @@ has norm layers, and it must not be trained. Measured speed and accuracy: ``docs
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Optional, Union
 
 import torch
@@ -18,6 +19,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 __all__ = ['optimize', 'fold_batchnorm', 'fast_bf16_available', 'OptimizedModel']
 
 
+@functools.cache
 def fast_bf16_available(device: Union[str, torch.device] = 'cpu') -> bool:
     """True where bf16 convolutions are faster than fp32: CUDA with bf16 tensor cores (compute capability >= 8),
     or a CPU whose oneDNN has native bf16 kernels (AMX or AVX512-BF16; emulated bf16 would be slower)."""

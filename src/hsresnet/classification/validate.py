@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..engine import CheckpointError, autocast, count_params, make_loader, write_csv, write_json
+from ..engine import CheckpointError, add_amp_arguments, autocast, count_params, make_loader, write_csv, write_json
 from ..engine.distributed import cleanup_distributed, init_distributed
 from .task import ClassificationTask, add_data_arguments, load_classifier
 
@@ -25,8 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('-b', '--batch-size', type=int, default=256, help='batch size.')
     parser.add_argument('-j', '--workers', type=int, default=2, help='data loading processes.')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'.")
-    parser.add_argument('--amp', action='store_true', help='bf16 autocast (CPU) / --amp-dtype (GPU).')
-    parser.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'])
+    add_amp_arguments(parser)
     parser.add_argument('--channels-last', action='store_true', help='channels_last memory format.')
     parser.add_argument('--results-file', default=None, help='write the results here (.json or .csv).')
     parser.add_argument(

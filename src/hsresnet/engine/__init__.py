@@ -9,6 +9,7 @@ progress bars, CSV/TensorBoard/PNG records and the final JSON summary. A command
 
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, load_weights, save_checkpoint, save_weights
 from .config import (
+    add_amp_arguments,
     add_config_argument,
     add_engine_arguments,
     config_to_dict,
@@ -18,7 +19,7 @@ from .config import (
     track_explicit_flags,
 )
 from .distributed import DistInfo, ShardSampler, init_distributed, make_loader, seed_everything
-from .fit import autocast, count_params, fit, to_device
+from .fit import amp_enabled, autocast, count_params, fit, to_device
 from .logs import RunLogger, plot_curves, write_csv, write_json
 from .task import Task
 
@@ -28,8 +29,10 @@ __all__ = [
     'RunLogger',
     'ShardSampler',
     'Task',
+    'add_amp_arguments',
     'add_config_argument',
     'add_engine_arguments',
+    'amp_enabled',
     'autocast',
     'check_compatible',
     'config_to_dict',

@@ -142,6 +142,37 @@ def config_to_dict(cfg: argparse.Namespace, skip: Sequence[str] = ()) -> Dict[st
     return out
 
 
+def amp_mode(value: Any) -> bool | str:
+    """``--amp`` / ``amp:`` values: on (``true``, no value), ``false``, or ``auto`` (on where the device has fast
+    bf16 units; see ``engine.fit.amp_enabled``)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text == 'auto':
+        return 'auto'
+    if text in ('true', 'on', 'yes', '1'):
+        return True
+    if text in ('false', 'off', 'no', '0'):
+        return False
+    raise argparse.ArgumentTypeError(f'--amp takes no value, or one of auto, true, false; got {value!r}.')
+
+
+def add_amp_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--amp [auto|true|false]`` and ``--amp-dtype``, the same for training and evaluation commands."""
+    parser.add_argument(
+        '--amp',
+        nargs='?',
+        const=True,
+        default=False,
+        type=amp_mode,
+        metavar='auto|true|false',
+        help="mixed precision: bf16 autocast on the CPU, --amp-dtype on GPUs. 'auto' turns it on only where the "
+        'device has fast bf16 units (GPUs; CPUs with AMX or AVX512-BF16: elsewhere CPU bf16 is emulated and several '
+        'times slower than fp32).',
+    )
+    parser.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'], help='GPU dtype for --amp.')
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every training task shares (timm's names). Call ``track_explicit_flags(parser)`` first."""
     group = parser.add_argument_group('training (engine)')
@@ -183,8 +214,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         '--sched-on-epochs', action='store_true', help='update the lr once per epoch (default: every optimizer step).'
     )
-    group.add_argument('--amp', action='store_true', help='mixed precision (bf16 on the CPU, --amp-dtype on GPUs).')
-    group.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'], help='dtype for --amp.')
+    add_amp_arguments(group)
     group.add_argument('--channels-last', action='store_true', help='use the channels_last memory format.')
     group.add_argument(
         '--torchcompile',

@@ -15,6 +15,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 from ..engine import (
+    add_amp_arguments,
     add_config_argument,
     add_engine_arguments,
     autocast,
@@ -52,8 +53,7 @@ def _add_eval_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--val-split', default='val', help='split folder to evaluate on (default: val).')
     p.add_argument('-j', '--workers', type=int, default=2, help='data loading processes.')
     p.add_argument('--device', default='auto', help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda'.")
-    p.add_argument('--amp', action='store_true', help='mixed precision (bf16 on the CPU).')
-    p.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'], help='dtype for --amp.')
+    add_amp_arguments(p)
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch).')
 
 
