@@ -45,6 +45,7 @@ def test_benchmark_cli_inference_and_train(tmp_path, capsys):
     assert rows['hs_resnet26', 'train']['gmacs'] == pytest.approx(3 * hs['gmacs'])
     assert rows['hs_resnet26@onnxruntime', 'inference']['gmacs'] == pytest.approx(hs['gmacs'])
     assert data['meta']['torch'] == torch.__version__ and data['meta']['device'] == 'cpu'
+    assert data['meta']['matmul_gmac_per_sec']['float32'] > 0 and 'cpu_capability' in data['meta']
     with open(tmp_path / 'r.csv') as f:
         assert len(list(csv.DictReader(f))) == len(data['results'])
     printed = capsys.readouterr().out

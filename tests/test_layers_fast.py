@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from hsresnet.layers import HSBlock, HSStridedBlock, _ReLUConcat
+from hsresnet.layers import HSBlock, HSStridedBlock, _relu_concat_conv, _ReLUConcat, _ReLUConcatConv
 from hsresnet.reference import ReferenceHSBlock, ReferenceHSStridedBlock, to_reference
 
 
@@ -95,8 +95,9 @@ def test_training_paths_store_each_activation_once():
     block = HSBlock(18, 5).train()
     plain = saved_bytes(lambda t: conv3(block._forward_cat(t)), x)
     fused = saved_bytes(lambda t: conv3(block(t)), x)
-    # split/ReLU/concat keeps the ReLU outputs (27+31+33+18 = 109 channels) besides the concat that conv3 keeps
-    assert fused <= plain - 109 * 2 * 14 * 14 * 4, (fused, plain)
+    # split/ReLU/concat keeps the ReLU outputs (27+31+33+18 = 109 channels) besides the concat that conv3 keeps,
+    # and each cascade conv's input concat with its copy of x_{i+1} (3 x 18 channels) besides x itself
+    assert fused <= plain - (109 + 3 * 18) * 2 * 14 * 14 * 4, (fused, plain)
     strided = HSStridedBlock(18, 5, stride=2).train()
     conv_part = lambda t: strided.act(strided.bn(strided.conv(t[:, 18:])))  # noqa: E731
     plain = saved_bytes(lambda t: conv3(torch.cat([strided.pool(t[:, :18]), conv_part(t)], 1)), x)
@@ -169,3 +170,43 @@ def test_static_forward_script_fx_export():
     exported = torch.export.export(fast, (x,))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('bias,stride,dilation,groups', [(False, 1, 1, 1), (True, 2, 2, 1), (True, 1, 1, 2)])
+def test_relu_concat_conv_gradients_equal_autograd(bias, stride, dilation, groups):
+    """The hand-written backward of _ReLUConcatConv (it rebuilds the concat) against autograd of cat/relu/conv2d."""
+    head = torch.randn(2, 4, 7, 6, dtype=torch.double, requires_grad=True)
+    tail = torch.randn(2, 2, 7, 6, dtype=torch.double, requires_grad=True)
+    weight = torch.randn(4, 6 // groups, 3, 3, dtype=torch.double, requires_grad=True)
+    b = torch.randn(4, dtype=torch.double, requires_grad=True) if bias else None
+    conv_args = ((stride, stride), (dilation, dilation), (dilation, dilation), groups)
+    inputs = (head, tail, weight, b)
+    assert torch.autograd.gradcheck(lambda *t: _ReLUConcatConv.apply(*t, *conv_args), inputs)
+    out = _ReLUConcatConv.apply(*inputs, *conv_args)
+    ref = nn.functional.conv2d(torch.cat([head, torch.relu(tail)], 1), weight, b, *conv_args)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_relu_concat_conv_under_bf16_autocast_and_hooks():
+    """Under autocast the conv runs in bf16 and the gradients come back in the inputs' dtypes, equal to autograd's;
+    a conv with a forward hook is called as a module (the hook fires), with the same numbers."""
+    conv = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+    head, tail = torch.randn(2, 4, 5, 5, requires_grad=True), torch.randn(2, 2, 5, 5, requires_grad=True)
+    g = torch.randn(2, 6, 5, 5)
+    results = []
+    for fused in (True, False):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            if fused:
+                out = _relu_concat_conv(conv, head, tail)
+            else:
+                out = conv(torch.cat([head, torch.relu(tail)], 1))
+        assert out.dtype == torch.bfloat16
+        grads = torch.autograd.grad(out, [head, tail, conv.weight], g.to(out.dtype))
+        assert [t.dtype for t in grads] == [torch.float32] * 3
+        results.append((out, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    calls = []
+    conv.register_forward_hook(lambda *args: calls.append(1))
+    torch.testing.assert_close(_relu_concat_conv(conv, head, tail), conv(torch.cat([head, torch.relu(tail)], 1)))
+    assert len(calls) == 2

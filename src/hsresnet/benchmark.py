@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from .complexity import count_complexity
 from .engine.allocator import keep_freed_memory
 from .engine.logs import write_csv
+from .optimize import fast_bf16_available
 
 BASELINES = ('resnet50', 'resnet50d', 'res2net50_26w_4s')
 RATIO_BASE = 'resnet50'
@@ -132,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f'hsresnet benchmark: unknown model(s) {unknown}; see timm.list_models("hs_*").')
 
     meta = machine_info(device, args)
+    peaks = ', '.join(f'{dt} {rate}' for dt, rate in meta['matmul_gmac_per_sec'].items())
+    print(f'{meta.get("gpu", meta["cpu"])}, {meta["torch_threads"]} threads; matmul peak GMAC/s: {peaks}')
     rows: List[Dict[str, Any]] = []
     kinds = ('inference', 'train') if args.bench == 'both' else (args.bench,)
     if args.sweep:
@@ -423,7 +426,29 @@ def machine_info(device: torch.device, args: argparse.Namespace) -> Dict[str, An
     }
     if device.type == 'cuda':
         info['gpu'] = torch.cuda.get_device_name(device)
+    else:
+        info['cpu_capability'] = torch.backends.cpu.get_cpu_capability()  # the vector ISA torch's kernels use
+    info['native_bf16'] = fast_bf16_available(device)
+    dtypes = (torch.float32, torch.bfloat16) if info['native_bf16'] else (torch.float32,)
+    info['matmul_gmac_per_sec'] = {str(dt).removeprefix('torch.'): matmul_rate(device, dt) for dt in dtypes}
     return info
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 7) -> float:
+    """The machine's practical peak: median GMAC/s of an ``n x n`` matmul at the current thread count (a roof for
+    every convolution of the run, which oneDNN/cuDNN lower to GEMM-like kernels)."""
+    n = n * 4 if device.type == 'cuda' else n
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    times = []
+    for i in range(repeats + 2):
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        if i >= 2:  # two warm-up products
+            times.append(time.perf_counter() - start)
+    return round(n**3 / statistics.median(times) / 1e9, 1)
 
 
 def _load_avg() -> Optional[List[float]]:

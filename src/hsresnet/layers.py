@@ -94,6 +94,52 @@ class _ReLUConcat(torch.autograd.Function):
         return (grads[0], *tails)
 
 
+class _ReLUConcatConv(torch.autograd.Function):
+    """``conv2d(cat([head, relu(tail)], dim=1), weight, bias, ...)`` that keeps ``relu(tail)``, not the concat, for
+    the backward pass.
+
+    In the cascade ``head`` is ``x_{i+1}``, a channel slice of the block's input, which autograd keeps anyway; saving
+    the concat would store those ``width`` channels a second time at every step. The backward pass rebuilds the
+    concat instead (one copy). Casts follow autocast: the conv runs in the dtype of its output and the gradients
+    return in the dtypes of the inputs. First order only.
+    """
+
+    @staticmethod
+    def forward(ctx, head, tail, weight, bias, stride, padding, dilation, groups):
+        kept = torch.relu(tail)
+        out = nn.functional.conv2d(torch.cat([head, kept], dim=1), weight, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(head, kept, weight)
+        ctx.conv_args = (list(stride), list(padding), list(dilation), groups, bias is not None)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        head, kept, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conv_args
+        inp = torch.cat([head.to(grad.dtype), kept.to(grad.dtype)], dim=1)
+        grad_inp, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, inp, weight.to(grad.dtype), None, stride, padding, dilation, False, [0, 0], groups,
+            [True, True, has_bias],
+        )  # fmt: skip
+        grad_head, grad_kept = torch.split(grad_inp, [head.shape[1], kept.shape[1]], dim=1)
+        grad_tail = torch.ops.aten.threshold_backward(grad_kept, kept.to(grad.dtype), 0)
+        grad_bias = grad_bias.to(weight.dtype) if has_bias else None
+        grads = (grad_head.to(head.dtype), grad_tail.to(kept.dtype), grad_weight.to(weight.dtype), grad_bias)
+        return grads + (None,) * 4  # stride, padding, dilation, groups
+
+
+def _relu_concat_conv(conv: nn.Module, head: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """``conv(cat([head, relu(tail)]))`` under autograd, keeping each activation once: through ``_ReLUConcatConv``
+    for a plain ``nn.Conv2d`` without hooks, else through ``_ReLUConcat`` and the module itself."""
+    hooked = conv._forward_hooks or conv._forward_pre_hooks or nn.modules.module._global_forward_hooks
+    if type(conv) is not nn.Conv2d or conv.padding_mode != 'zeros' or hooked:
+        return conv(_ReLUConcat.apply(head, tail))
+    return _ReLUConcatConv.apply(
+        head, tail, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
+    )
+
+
 class HSBlock(nn.Module):
     """The stride-1 Hierarchical-Split cascade (paper Sec. 3.1, Fig. 2).
 
@@ -166,16 +212,17 @@ class HSBlock(nn.Module):
 
     @torch.jit.unused
     def _forward_relu_concat(self, x: torch.Tensor) -> torch.Tensor:
-        """Eager training: every ReLU runs inside the concat that consumes it (``_ReLUConcat``), so autograd keeps
-        each activation once. ``y_{i,2}`` goes into the next conv's input, ``y_{i,1}`` into the output."""
+        """Eager training: every ReLU runs inside the concat (and conv) that consumes it, so autograd keeps each
+        activation once and never a copy of ``x``: ``relu(y_{i,2})`` and ``x_{i+1}`` feed the next conv through
+        ``_ReLUConcatConv``, the ``y_{i,1}`` go into the output through ``_ReLUConcat``."""
         groups = torch.split(x, self.width, dim=1)
-        last, inp, kept = len(self.convs) - 1, groups[1], []
-        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
-            y = bn(conv(inp))  # before the ReLU
+        last, kept = len(self.convs) - 1, []
+        y = self.bns[0](self.convs[0](groups[1]))  # before the ReLU
+        for i in range(last + 1):
             keep = self.out_widths[i]
             kept.append(y if i == last else y[:, :keep])
             if i < last:
-                inp = _ReLUConcat.apply(groups[i + 2], y[:, keep:])
+                y = self.bns[i + 1](_relu_concat_conv(self.convs[i + 1], groups[i + 2], y[:, keep:]))
         return _ReLUConcat.apply(groups[0], *kept)
 
     @torch.jit.unused
