@@ -22,6 +22,7 @@ from hsresnet.engine import (
     CheckpointError,
     add_config_argument,
     add_engine_arguments,
+    amp_enabled,
     check_compatible,
     fit,
     load_checkpoint,
@@ -108,6 +109,27 @@ def test_yaml_config_under_typed_flags(tmp_path):
         resolve_config(parser.parse_args(['-c', str(recipe)]), parser)
     with pytest.raises(ValueError, match='key=value'):
         parse_kwargs(['w16'])
+
+
+@pytest.mark.parametrize('native', [False, True])
+def test_amp_auto_follows_native_bf16(tmp_path, monkeypatch, native):
+    """`amp: auto` (YAML or `--amp auto`) autocasts only where bf16 is native; true/false/bare --amp as given."""
+    import hsresnet.engine.fit as fit_module
+
+    monkeypatch.setattr(fit_module, 'fast_bf16_available', lambda device: native)
+    parser = engine_parser()
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text('amp: auto\n')
+    cpu = torch.device('cpu')
+    cfg = resolve_config(parser.parse_args(['-c', str(recipe)]), parser)
+    assert cfg.amp == 'auto' and amp_enabled(cfg, cpu) is native
+    assert amp_enabled(resolve_config(parser.parse_args(['--amp', 'auto']), parser), cpu) is native
+    for flags, expected in ((['--amp'], True), (['--amp', 'false'], False), ([], False)):
+        assert amp_enabled(resolve_config(parser.parse_args(flags), parser), cpu) is expected
+    recipe.write_text('amp: true\n')
+    assert amp_enabled(resolve_config(parser.parse_args(['-c', str(recipe)]), parser), cpu) is True
+    with pytest.raises(SystemExit):  # argparse: "--amp takes no value, or one of auto, true, false"
+        parser.parse_args(['--amp', 'maybe'])
 
 
 def test_checkpoint_roundtrip_and_refusals(tmp_path):

@@ -56,6 +56,12 @@ def test_fast_paths_are_taken_and_equal_concat_path():
     assert fast._fast_path(x)  # grad enabled: the ReLU-in-concat path, differentiable
     torch.testing.assert_close(fast._forward_relu_concat(x), fast._forward_cat(x), rtol=0, atol=0)
     assert not HSBlock(5, 4, act_layer=nn.SiLU)._fast_path(x)  # only ReLU has the fused paths
+    calls = []
+    fast.act.register_forward_hook(lambda *args: calls.append(1))  # a hooked activation is called as a module
+    assert not fast._fast_path(x)
+    with torch.no_grad():
+        fast(x)
+    assert len(calls) == 3  # s - 1 cascade steps
 
 
 def test_relu_concat_gradients_equal_autograd():
@@ -177,13 +183,14 @@ def test_relu_concat_conv_gradients_equal_autograd(bias, stride, dilation, group
     """The hand-written backward of _ReLUConcatConv (it rebuilds the concat) against autograd of cat/relu/conv2d."""
     head = torch.randn(2, 4, 7, 6, dtype=torch.double, requires_grad=True)
     tail = torch.randn(2, 2, 7, 6, dtype=torch.double, requires_grad=True)
-    weight = torch.randn(4, 6 // groups, 3, 3, dtype=torch.double, requires_grad=True)
+    weight = torch.randn(4, 8 // groups, 3, 3, dtype=torch.double, requires_grad=True)
     b = torch.randn(4, dtype=torch.double, requires_grad=True) if bias else None
+    tail2 = torch.randn(2, 2, 7, 6, dtype=torch.double, requires_grad=True)
     conv_args = ((stride, stride), (dilation, dilation), (dilation, dilation), groups)
-    inputs = (head, tail, weight, b)
-    assert torch.autograd.gradcheck(lambda *t: _ReLUConcatConv.apply(*t, *conv_args), inputs)
-    out = _ReLUConcatConv.apply(*inputs, *conv_args)
-    ref = nn.functional.conv2d(torch.cat([head, torch.relu(tail)], 1), weight, b, *conv_args)
+    inputs = (weight, b, head, tail, tail2)
+    assert torch.autograd.gradcheck(lambda w, b, *t: _ReLUConcatConv.apply(w, b, *conv_args, *t), inputs)
+    out = _ReLUConcatConv.apply(weight, b, *conv_args, head, tail, tail2)
+    ref = nn.functional.conv2d(torch.cat([head, torch.relu(tail), torch.relu(tail2)], 1), weight, b, *conv_args)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
@@ -210,3 +217,31 @@ def test_relu_concat_conv_under_bf16_autocast_and_hooks():
     conv.register_forward_hook(lambda *args: calls.append(1))
     torch.testing.assert_close(_relu_concat_conv(conv, head, tail), conv(torch.cat([head, torch.relu(tail)], 1)))
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_bottleneck_conv3_takes_block_pieces_in_training(channels_last):
+    """In eager training HSBottleneck feeds the HS block's pieces to conv3 without storing their concat: the same
+    outputs, gradients and BN statistics as block-then-conv3 (forced by a hook), and w channels fewer kept."""
+    from hsresnet.models import HSBottleneck
+
+    fused = randomize_norms(HSBottleneck(64, 16, base_width=24, s=4)).train()  # width 6, mid 24
+    plain = copy.deepcopy(fused)
+    plain.conv2.register_forward_hook(lambda *args: None)  # a hooked block is called as a module
+    assert fused._fuse_conv2_conv3(torch.randn(2, 24, 8, 8)) and not plain._fuse_conv2_conv3(torch.randn(2, 24, 8, 8))
+    x = torch.randn(2, 64, 8, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = fused(x1), plain(x2)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y1)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    for (name, p1), p2 in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for b1, b2 in zip(fused.buffers(), plain.buffers()):
+        torch.testing.assert_close(b1, b2)
+    x = torch.randn(2, 64, 8, 8, requires_grad=True)
+    assert saved_bytes(fused, x) <= saved_bytes(plain, x) - 6 * 2 * 8 * 8 * 4  # x_1: 6 channels

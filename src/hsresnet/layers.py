@@ -59,9 +59,11 @@ def _eager_relu(x: torch.Tensor, act: nn.Module) -> bool:
     """True for a ReLU block run eagerly: nothing traces (fx proxies, fake tensors, jit.trace), compiles or exports
     the forward, so the block may use its hand-written paths (``_ReLUConcat`` under autograd, ``out=`` writes into
     preallocated buffers without it; the same numbers, less memory and fewer copies). Everything else sees the plain
-    split/concat formulation, which compilers and exporters fuse themselves."""
+    split/concat formulation, which compilers and exporters fuse themselves; so does an activation with hooks (the
+    hand-written paths apply the ReLU without calling the module)."""
     return (
         type(act) is nn.ReLU
+        and not (act._forward_hooks or act._forward_pre_hooks)
         and type(x) is torch.Tensor
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
@@ -95,49 +97,51 @@ class _ReLUConcat(torch.autograd.Function):
 
 
 class _ReLUConcatConv(torch.autograd.Function):
-    """``conv2d(cat([head, relu(tail)], dim=1), weight, bias, ...)`` that keeps ``relu(tail)``, not the concat, for
-    the backward pass.
+    """``conv2d(cat([head, relu(t_1), relu(t_2), ...], dim=1), weight, bias, ...)`` that keeps ``head`` and the
+    ``relu(t_k)``, not their concat, for the backward pass.
 
-    In the cascade ``head`` is ``x_{i+1}``, a channel slice of the block's input, which autograd keeps anyway; saving
-    the concat would store those ``width`` channels a second time at every step. The backward pass rebuilds the
-    concat instead (one copy). Casts follow autocast: the conv runs in the dtype of its output and the gradients
-    return in the dtypes of the inputs. First order only.
+    In the HS block ``head`` is a channel slice of the block's input, which autograd keeps anyway (``x_{i+1}`` before
+    each cascade conv, ``x_1`` before the bottleneck's conv3); saving the concat would store those channels a second
+    time. The backward pass rebuilds the concat instead (one copy). Casts follow autocast: the conv runs in the dtype
+    of its output and the gradients return in the dtypes of the inputs. First order only.
     """
 
     @staticmethod
-    def forward(ctx, head, tail, weight, bias, stride, padding, dilation, groups):
-        kept = torch.relu(tail)
-        out = nn.functional.conv2d(torch.cat([head, kept], dim=1), weight, bias, stride, padding, dilation, groups)
-        ctx.save_for_backward(head, kept, weight)
+    def forward(ctx, weight, bias, stride, padding, dilation, groups, head, *tails):
+        kept = [torch.relu(t) for t in tails]
+        out = nn.functional.conv2d(torch.cat([head, *kept], dim=1), weight, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(weight, head, *kept)
         ctx.conv_args = (list(stride), list(padding), list(dilation), groups, bias is not None)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        head, kept, weight = ctx.saved_tensors
+        weight, head, *kept = ctx.saved_tensors
         stride, padding, dilation, groups, has_bias = ctx.conv_args
-        inp = torch.cat([head.to(grad.dtype), kept.to(grad.dtype)], dim=1)
+        inp = torch.cat([t.to(grad.dtype) for t in (head, *kept)], dim=1)
         grad_inp, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad, inp, weight.to(grad.dtype), None, stride, padding, dilation, False, [0, 0], groups,
             [True, True, has_bias],
         )  # fmt: skip
-        grad_head, grad_kept = torch.split(grad_inp, [head.shape[1], kept.shape[1]], dim=1)
-        grad_tail = torch.ops.aten.threshold_backward(grad_kept, kept.to(grad.dtype), 0)
+        del inp
+        grad_head, *grad_kept = torch.split(grad_inp, [t.shape[1] for t in (head, *kept)], dim=1)
+        grad_tails = [
+            torch.ops.aten.threshold_backward(g, k.to(g.dtype), 0).to(k.dtype) for g, k in zip(grad_kept, kept)
+        ]
         grad_bias = grad_bias.to(weight.dtype) if has_bias else None
-        grads = (grad_head.to(head.dtype), grad_tail.to(kept.dtype), grad_weight.to(weight.dtype), grad_bias)
-        return grads + (None,) * 4  # stride, padding, dilation, groups
+        # weight, bias, stride, padding, dilation, groups, head, *tails
+        return (grad_weight.to(weight.dtype), grad_bias, None, None, None, None, grad_head.to(head.dtype), *grad_tails)
 
 
-def _relu_concat_conv(conv: nn.Module, head: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-    """``conv(cat([head, relu(tail)]))`` under autograd, keeping each activation once: through ``_ReLUConcatConv``
-    for a plain ``nn.Conv2d`` without hooks, else through ``_ReLUConcat`` and the module itself."""
+def _relu_concat_conv(conv: nn.Module, head: torch.Tensor, *tails: torch.Tensor) -> torch.Tensor:
+    """``conv(cat([head, relu(t_1), ...]))`` under autograd, keeping each activation once: through
+    ``_ReLUConcatConv`` for a plain ``nn.Conv2d`` without hooks, else through ``_ReLUConcat`` and the module."""
     hooked = conv._forward_hooks or conv._forward_pre_hooks or nn.modules.module._global_forward_hooks
     if type(conv) is not nn.Conv2d or conv.padding_mode != 'zeros' or hooked:
-        return conv(_ReLUConcat.apply(head, tail))
-    return _ReLUConcatConv.apply(
-        head, tail, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
-    )
+        return conv(_ReLUConcat.apply(head, *tails))
+    args = (conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return _ReLUConcatConv.apply(*args, head, *tails)
 
 
 class HSBlock(nn.Module):
@@ -211,10 +215,12 @@ class HSBlock(nn.Module):
         return torch.cat(outs, dim=1)
 
     @torch.jit.unused
-    def _forward_relu_concat(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_relu_concat(self, x: torch.Tensor, next_conv: Optional[nn.Module] = None) -> torch.Tensor:
         """Eager training: every ReLU runs inside the concat (and conv) that consumes it, so autograd keeps each
         activation once and never a copy of ``x``: ``relu(y_{i,2})`` and ``x_{i+1}`` feed the next conv through
-        ``_ReLUConcatConv``, the ``y_{i,1}`` go into the output through ``_ReLUConcat``."""
+        ``_ReLUConcatConv``, the ``y_{i,1}`` go into the output through ``_ReLUConcat``. With ``next_conv`` (the
+        bottleneck's conv3) the result is ``next_conv(block(x))``, and the output concat, with its copy of ``x_1``,
+        is not stored either."""
         groups = torch.split(x, self.width, dim=1)
         last, kept = len(self.convs) - 1, []
         y = self.bns[0](self.convs[0](groups[1]))  # before the ReLU
@@ -223,6 +229,8 @@ class HSBlock(nn.Module):
             kept.append(y if i == last else y[:, :keep])
             if i < last:
                 y = self.bns[i + 1](_relu_concat_conv(self.convs[i + 1], groups[i + 2], y[:, keep:]))
+        if next_conv is not None:
+            return _relu_concat_conv(next_conv, groups[0], *kept)
         return _ReLUConcat.apply(groups[0], *kept)
 
     @torch.jit.unused

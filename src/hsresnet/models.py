@@ -5,8 +5,6 @@ only adds its bottleneck, as timm's ``res2net.py`` does. ``w`` is the group widt
 ``base_width``), ``s`` the split count and ``down`` the strided-block style; every entry point takes all three.
 """
 
-from __future__ import annotations
-
 import math
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -95,6 +93,23 @@ class HSBottleneck(nn.Module):
         self.downsample = downsample
         self.drop_path = drop_path
 
+    @torch.jit.unused
+    def _fuse_conv2_conv3(self, x: torch.Tensor) -> bool:
+        """Eager training of a stride-1 HS block: conv3 can take the block's pieces without their concat being
+        stored (``HSBlock._forward_relu_concat``): ``x_1`` is kept once, inside ``x``."""
+        conv2 = self.conv2
+        return (
+            isinstance(conv2, HSBlock)
+            and isinstance(self.drop_block, nn.Identity)
+            and torch.is_grad_enabled()
+            and conv2._fast_path(x)
+            and not (conv2._forward_hooks or conv2._forward_pre_hooks)
+        )
+
+    @torch.jit.unused
+    def _conv2_conv3(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2._forward_relu_concat(x, self.conv3)
+
     def zero_init_last(self) -> None:
         if getattr(self.bn3, 'weight', None) is not None:
             nn.init.zeros_(self.bn3.weight)
@@ -102,8 +117,11 @@ class HSBottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         out = self.act1(self.bn1(self.conv1(x)))
-        out = self.drop_block(self.conv2(out))
-        out = self.bn3(self.conv3(out))
+        if not torch.jit.is_scripting() and self._fuse_conv2_conv3(out):
+            out = self._conv2_conv3(out)
+        else:
+            out = self.conv3(self.drop_block(self.conv2(out)))
+        out = self.bn3(out)
         if self.drop_path is not None:
             out = self.drop_path(out)
         if self.downsample is not None:
