@@ -7,6 +7,7 @@ exactly reproducible and gradient accumulation can be compared with a plain larg
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -114,8 +115,7 @@ def test_yaml_config_under_typed_flags(tmp_path):
 @pytest.mark.parametrize('native', [False, True])
 def test_amp_auto_follows_native_bf16(tmp_path, monkeypatch, native):
     """`amp: auto` (YAML or `--amp auto`) autocasts only where bf16 is native; true/false/bare --amp as given."""
-    import hsresnet.engine.fit as fit_module
-
+    fit_module = importlib.import_module('hsresnet.engine.fit')  # the package's `fit` attribute is the function
     monkeypatch.setattr(fit_module, 'fast_bf16_available', lambda device: native)
     parser = engine_parser()
     recipe = tmp_path / 'r.yaml'
