@@ -295,7 +295,7 @@ def test_deeplabv3plus_hs_resnet50_fits_a_handful_of_real_nuclei(tmp_path):
     run = tmp_path / 'run'
     flags = ['--data', str(NUCLEI4), '--val-split', 'train', '--model', 'deeplabv3plus_hs_resnet50', '-b', '4']
     flags += ['--crop-size', '128', '--scale-range', '1', '1', '--epochs', '20', '--eval-interval', '20']
-    flags += ['--opt', 'adamw', '--lr', '2e-3', '--sched', 'cosine', '--amp', '--seed', '0', '-j', '0']
+    flags += ['--opt', 'adamw', '--lr', '2e-3', '--sched', 'cosine', '--amp', 'auto', '--seed', '0', '-j', '0']
     assert main(['segment', 'train', *flags, '--output', str(run), '--no-progress', '--no-tensorboard']) == 0
     losses = [float(row['train_loss']) for row in csv.DictReader(open(run / 'metrics.csv'))]
     summary = json.loads((run / 'summary.json').read_text())
