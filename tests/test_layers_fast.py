@@ -110,16 +110,12 @@ def test_training_paths_store_each_activation_once():
     assert saved_bytes(lambda t: conv3(strided(t)), x) <= plain - 72 * 2 * 7 * 7 * 4
 
 
-@pytest.mark.parametrize('channels_last', [False, True])
-def test_block_training_forward_and_gradients_equal_reference(channels_last):
-    fast, ref = pair(5, 5)
-    fast.train()
-    ref.train()
-    x = torch.randn(2, 25, 6, 6)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    g = torch.randn(2, 25, 6, 6)
-    y1, y2 = fast(x1.contiguous(memory_format=torch.channels_last) if channels_last else x1), ref(x2)
+def assert_same_training_step(fast: nn.Module, ref: nn.Module, x_fast: torch.Tensor, x_ref: torch.Tensor) -> None:
+    """One forward/backward in training mode: equal outputs, input and parameter gradients, BN running statistics."""
+    x1, x2 = x_fast.detach().clone().requires_grad_(), x_ref.detach().clone().requires_grad_()
+    y1, y2 = fast.train()(x1), ref.train()(x2)
     torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y2)
     (y1 * g).sum().backward()
     (y2 * g).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
@@ -127,6 +123,13 @@ def test_block_training_forward_and_gradients_equal_reference(channels_last):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-5, msg=name)
     for b1, b2 in zip(fast.buffers(), ref.buffers()):  # running statistics updated identically
         torch.testing.assert_close(b1, b2)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_block_training_forward_and_gradients_equal_reference(channels_last):
+    fast, ref = pair(5, 5)
+    x = torch.randn(2, 25, 6, 6)
+    assert_same_training_step(fast, ref, x.contiguous(memory_format=torch.channels_last) if channels_last else x, x)
 
 
 @pytest.mark.parametrize('down', ['pool_conv', 'conv'])
@@ -139,17 +142,7 @@ def test_strided_block_equals_reference(down, channels_last):
     xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     with torch.inference_mode():
         torch.testing.assert_close(fast(xin), ref(x), rtol=1e-5, atol=1e-5)
-    fast.train()
-    ref.train()
-    x1, x2 = xin.detach().clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = fast(x1), ref(x2)
-    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y2)
-    (y1 * g).sum().backward()
-    (y2 * g).sum().backward()
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
-    for (name, p1), p2 in zip(fast.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_training_step(fast, ref, xin, x)
 
 
 def test_to_reference_model_same_state_dict_and_outputs():
@@ -232,16 +225,6 @@ def test_bottleneck_conv3_takes_block_pieces_in_training(channels_last):
     x = torch.randn(2, 64, 8, 8)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = fused(x1), plain(x2)
-    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y1)
-    (y1 * g).sum().backward()
-    (y2 * g).sum().backward()
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
-    for (name, p1), p2 in zip(fused.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-5, msg=name)
-    for b1, b2 in zip(fused.buffers(), plain.buffers()):
-        torch.testing.assert_close(b1, b2)
+    assert_same_training_step(fused, plain, x, x)
     x = torch.randn(2, 64, 8, 8, requires_grad=True)
     assert saved_bytes(fused, x) <= saved_bytes(plain, x) - 6 * 2 * 8 * 8 * 4  # x_1: 6 channels
