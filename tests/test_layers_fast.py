@@ -207,9 +207,15 @@ def test_relu_concat_conv_under_bf16_autocast_and_hooks():
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     calls = []
+    handle = nn.modules.module.register_module_forward_hook(lambda *args: calls.append(1))  # a global hook too
+    try:
+        _relu_concat_conv(conv, head, tail)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
     conv.register_forward_hook(lambda *args: calls.append(1))
     torch.testing.assert_close(_relu_concat_conv(conv, head, tail), conv(torch.cat([head, torch.relu(tail)], 1)))
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize('channels_last', [False, True])

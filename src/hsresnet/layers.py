@@ -55,6 +55,14 @@ def adapt_norm_layer(norm_layer: Callable[..., nn.Module]) -> Callable[..., nn.M
     return norm_without_factory_kwargs
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """True when forward (pre-)hooks would run on ``module``'s call, its own or global ones: the hand-written paths,
+    which skip some module calls, then call the modules instead."""
+    own = module._forward_hooks or module._forward_pre_hooks
+    glob = nn.modules.module
+    return bool(own or glob._global_forward_hooks or glob._global_forward_pre_hooks)
+
+
 def _eager_relu(x: torch.Tensor, act: nn.Module) -> bool:
     """True for a ReLU block run eagerly: nothing traces (fx proxies, fake tensors, jit.trace), compiles or exports
     the forward, so the block may use its hand-written paths (``_ReLUConcat`` under autograd, ``out=`` writes into
@@ -63,7 +71,7 @@ def _eager_relu(x: torch.Tensor, act: nn.Module) -> bool:
     hand-written paths apply the ReLU without calling the module)."""
     return (
         type(act) is nn.ReLU
-        and not (act._forward_hooks or act._forward_pre_hooks)
+        and not has_hooks(act)
         and type(x) is torch.Tensor
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
@@ -137,8 +145,7 @@ class _ReLUConcatConv(torch.autograd.Function):
 def _relu_concat_conv(conv: nn.Module, head: torch.Tensor, *tails: torch.Tensor) -> torch.Tensor:
     """``conv(cat([head, relu(t_1), ...]))`` under autograd, keeping each activation once: through
     ``_ReLUConcatConv`` for a plain ``nn.Conv2d`` without hooks, else through ``_ReLUConcat`` and the module."""
-    hooked = conv._forward_hooks or conv._forward_pre_hooks or nn.modules.module._global_forward_hooks
-    if type(conv) is not nn.Conv2d or conv.padding_mode != 'zeros' or hooked:
+    if type(conv) is not nn.Conv2d or conv.padding_mode != 'zeros' or has_hooks(conv):
         return conv(_ReLUConcat.apply(head, *tails))
     args = (conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return _ReLUConcatConv.apply(*args, head, *tails)

@@ -14,7 +14,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import ResNet
 
-from .layers import HSBlock, HSStridedBlock, adapt_norm_layer, check_hs_args
+from .layers import HSBlock, HSStridedBlock, adapt_norm_layer, check_hs_args, has_hooks
 
 __all__ = ['HSBottleneck', 'HSResNet', 'LAYOUTS', 'PRESETS', 'D_VARIANT_KWARGS', 'group_width']
 
@@ -103,7 +103,7 @@ class HSBottleneck(nn.Module):
             and isinstance(self.drop_block, nn.Identity)
             and torch.is_grad_enabled()
             and conv2._fast_path(x)
-            and not (conv2._forward_hooks or conv2._forward_pre_hooks)
+            and not has_hooks(conv2)
         )
 
     @torch.jit.unused
