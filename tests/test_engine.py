@@ -113,7 +113,7 @@ def test_yaml_config_under_typed_flags(tmp_path):
 
 
 @pytest.mark.parametrize('native', [False, True])
-def test_amp_auto_follows_native_bf16(tmp_path, monkeypatch, native):
+def test_amp_auto_follows_native_bf16(tmp_path, monkeypatch, capsys, native):
     """`amp: auto` (YAML or `--amp auto`) autocasts only where bf16 is native; true/false/bare --amp as given."""
     fit_module = importlib.import_module('hsresnet.engine.fit')  # the package's `fit` attribute is the function
     monkeypatch.setattr(fit_module, 'fast_bf16_available', lambda device: native)
@@ -128,8 +128,9 @@ def test_amp_auto_follows_native_bf16(tmp_path, monkeypatch, native):
         assert amp_enabled(resolve_config(parser.parse_args(flags), parser), cpu) is expected
     recipe.write_text('amp: true\n')
     assert amp_enabled(resolve_config(parser.parse_args(['-c', str(recipe)]), parser), cpu) is True
-    with pytest.raises(SystemExit):  # argparse: "--amp takes no value, or one of auto, true, false"
+    with pytest.raises(SystemExit):
         parser.parse_args(['--amp', 'maybe'])
+    assert "one of auto, true, false; got 'maybe'" in capsys.readouterr().err
 
 
 def test_checkpoint_roundtrip_and_refusals(tmp_path):

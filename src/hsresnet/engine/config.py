@@ -154,7 +154,10 @@ def amp_mode(value: Any) -> bool | str:
         return True
     if text in ('false', 'off', 'no', '0'):
         return False
-    raise argparse.ArgumentTypeError(f'--amp takes no value, or one of auto, true, false; got {value!r}.')
+    raise argparse.ArgumentTypeError(
+        f'--amp takes no value, or one of auto, true, false; got {value!r} (a path right after --amp is read as its '
+        'value: put it before --amp).'
+    )
 
 
 def add_amp_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
