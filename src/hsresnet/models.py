@@ -5,6 +5,8 @@ only adds its bottleneck, as timm's ``res2net.py`` does. ``w`` is the group widt
 ``base_width``), ``s`` the split count and ``down`` the strided-block style; every entry point takes all three.
 """
 
+# No `from __future__ import annotations` here: TorchScript cannot resolve string annotations on the
+# @torch.jit.unused methods of HSBottleneck (scripting the whole model then fails).
 import math
 from typing import Any, Callable, Dict, Optional, Sequence
 
