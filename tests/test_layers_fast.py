@@ -110,6 +110,29 @@ def test_training_paths_store_each_activation_once():
     assert saved_bytes(lambda t: conv3(strided(t)), x) <= plain - 72 * 2 * 7 * 7 * 4
 
 
+def backward_node_names(out: torch.Tensor) -> set:
+    """Names of every node of ``out``'s autograd graph."""
+    names, todo, seen = set(), [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_training_paths_split_without_slice_backward():
+    """The blocks split their input and each y_i with torch.split, whose backward is one concat: a channel slice's
+    backward would zero-fill the whole tensor per slice and add the results (about 1 % of a training step)."""
+    x = torch.randn(2, 90, 8, 8, requires_grad=True)
+    for block in (HSBlock(18, 5), HSStridedBlock(18, 5, stride=2)):
+        names = backward_node_names(block.train()(x))
+        assert 'SplitWithSizesBackward0' in names and 'SliceBackward0' not in names, (block, names)
+    assert 'SliceBackward0' in backward_node_names(HSBlock(18, 5)._forward_cat(x))  # what the check would catch
+
+
 def assert_same_training_step(fast: nn.Module, ref: nn.Module, x_fast: torch.Tensor, x_ref: torch.Tensor) -> None:
     """One forward/backward in training mode: equal outputs, input and parameter gradients, BN running statistics."""
     x1, x2 = x_fast.detach().clone().requires_grad_(), x_ref.detach().clone().requires_grad_()

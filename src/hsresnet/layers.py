@@ -229,13 +229,15 @@ class HSBlock(nn.Module):
         bottleneck's conv3) the result is ``next_conv(block(x))``, and the output concat, with its copy of ``x_1``,
         is not stored either."""
         groups = torch.split(x, self.width, dim=1)
-        last, kept = len(self.convs) - 1, []
+        kept = []
         y = self.bns[0](self.convs[0](groups[1]))  # before the ReLU
-        for i in range(last + 1):
-            keep = self.out_widths[i]
-            kept.append(y if i == last else y[:, :keep])
-            if i < last:
-                y = self.bns[i + 1](_relu_concat_conv(self.convs[i + 1], groups[i + 2], y[:, keep:]))
+        for i in range(len(self.convs) - 1):
+            # split, not two slices: its backward is one concat, where each slice's backward would zero-fill y's
+            # shape and the two results would then be added
+            head, forwarded = torch.split(y, [self.out_widths[i], self.widths[i] - self.out_widths[i]], dim=1)
+            kept.append(head)
+            y = self.bns[i + 1](_relu_concat_conv(self.convs[i + 1], groups[i + 2], forwarded))
+        kept.append(y)
         if next_conv is not None:
             return _relu_concat_conv(next_conv, groups[0], *kept)
         return _ReLUConcat.apply(groups[0], *kept)
@@ -307,7 +309,7 @@ class HSStridedBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool is None:
             return self.act(self.bn(self.conv(x)))
-        identity, rest = x[:, : self.width], x[:, self.width :]
+        identity, rest = torch.split(x, [self.width, self.channels - self.width], dim=1)  # one concat in backward
         if torch.jit.is_scripting() or not self._fast_path(x):
             return torch.cat([self.pool(identity), self.act(self.bn(self.conv(rest)))], dim=1)
         if torch.is_grad_enabled():  # the ReLU inside the concat: its output is stored once for backward
