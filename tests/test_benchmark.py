@@ -2,11 +2,12 @@
 
 import csv
 import json
+import statistics
 
 import pytest
 import torch
 
-from hsresnet.benchmark import _meta_model, budget_width, count_macs, peak_memory, plot_sweep
+from hsresnet.benchmark import _meta_model, budget_width, count_macs, paired_ratio, peak_memory, plot_sweep
 from hsresnet.cli import main
 
 
@@ -42,14 +43,36 @@ def test_benchmark_cli_inference_and_train(tmp_path, capsys):
         assert r['samples_per_sec_ratio'] == pytest.approx(
             r['samples_per_sec'] / rows['resnet50', r['bench']]['samples_per_sec']
         )
+        assert len(r['step_times_ms']) == 2
+        assert min(r['step_times_ms']) == pytest.approx(r['step_time_ms_min'], abs=1e-3)
+        q1, q3 = r['gmac_per_sec_paired_q1'], r['gmac_per_sec_paired_q3']
+        assert q1 <= r['gmac_per_sec_paired_ratio'] <= q3
+    assert base['gmac_per_sec_paired_ratio'] == 1.0
     assert rows['hs_resnet26', 'train']['gmacs'] == pytest.approx(3 * hs['gmacs'])
     assert rows['hs_resnet26@onnxruntime', 'inference']['gmacs'] == pytest.approx(hs['gmacs'])
     assert data['meta']['torch'] == torch.__version__ and data['meta']['device'] == 'cpu'
     assert data['meta']['matmul_gmac_per_sec']['float32'] > 0 and 'cpu_capability' in data['meta']
     with open(tmp_path / 'r.csv') as f:
-        assert len(list(csv.DictReader(f))) == len(data['results'])
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(data['results']) and 'step_times_ms' not in csv_rows[0]
+    assert 'gmac_per_sec_paired_ratio' in csv_rows[0]
     printed = capsys.readouterr().out
     assert 'hs_resnet26@reference' in printed and 'GMAC/s x' in printed
+
+
+def test_paired_ratio_follows_the_rounds_where_the_ratio_of_medians_mixes_them():
+    """The machine is 3x slower in the second half of the run; the model is 0.8x the baseline's rate in every round
+    but one, where it lost another 10 %. The medians of the two columns come from different phases, the paired
+    ratio does not."""
+    drift = [1.0, 1.0, 1.0, 3.0, 3.0, 3.0]
+    base_times = list(drift)
+    model_times = [1.25 * d for d in drift]
+    model_times[2] *= 1.1
+    assert statistics.median(base_times) / statistics.median(model_times) == pytest.approx(0.78, abs=0.005)
+    median, q1, q3 = paired_ratio(model_times, base_times, work_ratio=1.0)
+    assert (median, q1, q3) == pytest.approx((0.8, 0.8, 0.8))  # one odd round of six moves neither quartile
+    assert paired_ratio([1.25] * 3, [1.0] * 3, work_ratio=1.1)[0] == pytest.approx(0.88)  # 10 % more MACs per step
+    assert paired_ratio([2.0], [1.0], 1.0) == (0.5, 0.5, 0.5)
 
 
 def test_benchmark_refuses_unknown_model():

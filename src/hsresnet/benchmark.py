@@ -15,6 +15,8 @@ Conventions (also in docs/performance.md):
   CPU: the highest running total of the allocations and frees that ``torch.profiler`` (``profile_memory=True``)
   records in one step, i.e. every tensor and kernel workspace allocated through PyTorch's CPU allocator, above the
   weights (and optimizer state) allocated before it. Each step ends by freeing the gradients, so they count.
+- Paired ratio (``paired x``): each round's GMAC/s ratio to resnet50, its median over rounds and quartiles, robust
+  to a slow drift of a shared machine.
 - ``--sweep``: the paper's speed ablation (RQ3): the budget-matched presets and s = 2..8 at ResNet-50's budget.
 """
 
@@ -29,7 +31,7 @@ import platform
 import statistics
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -154,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if args.results_file:
         print(f'wrote {args.results_file}')
     if args.csv:
-        write_csv(args.csv, rows)
+        write_csv(args.csv, [{k: v for k, v in r.items() if not isinstance(v, list)} for r in rows])  # JSON has all
         print(f'wrote {args.csv}')
     if args.sweep:
         print_sweep_markdown(rows, specs, args.batch_size[0])
@@ -269,12 +271,36 @@ def bench_group(
         no_peak = args.no_memory or specs[i].get('onnxruntime')  # onnxruntime's arena is not torch's allocator
         peak = None if no_peak else peak_memory(steps[i], device)
         row['peak_mem_mb_per_image'] = peak / batch / 2**20 if peak is not None else None
-    base = next((r for r in rows if r['model'] == RATIO_BASE), None)
-    for row in rows:
+    base_index = next((i for i, r in enumerate(rows) if r['model'] == RATIO_BASE), None)
+    base = rows[base_index] if base_index is not None else None
+    for i, row in enumerate(rows):
         for key in RATIO_KEYS:
             ok = base is not None and row.get(key) is not None and base.get(key)
             row[f'{key}_ratio'] = row[key] / base[key] if ok else None
+        row['step_times_ms'] = [round(t * 1e3, 3) for t in times[i]]
+        paired = None
+        if base is not None and row['gmacs'] and base['gmacs']:
+            paired = paired_ratio(times[i], times[base_index], row['gmacs'] / base['gmacs'])
+        row['gmac_per_sec_paired_ratio'], row['gmac_per_sec_paired_q1'], row['gmac_per_sec_paired_q3'] = paired or (
+            None,
+            None,
+            None,
+        )
     return rows
+
+
+def paired_ratio(times: Sequence[float], base_times: Sequence[float], work_ratio: float) -> Tuple[float, ...]:
+    """Median and quartiles over the rounds of one model's rate relative to the baseline's in the same round.
+
+    ``work_ratio`` is the model's work per step over the baseline's (its MACs over the baseline's for GMAC/s). Both
+    ran within seconds of each other in every round, so a slow drift of the machine cancels in each round's ratio,
+    where it does not in the ratio of the two medians; the quartiles show how far single rounds disagree.
+    """
+    per_round = [work_ratio * b / t for t, b in zip(times, base_times)]
+    if len(per_round) < 2:
+        return per_round[0], per_round[0], per_round[0]
+    q1, median, q3 = statistics.quantiles(per_round, n=4, method='inclusive')
+    return median, q1, q3
 
 
 def make_step(
@@ -466,8 +492,14 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
+def _fmt_paired(row: Dict[str, Any]) -> str:
+    median, q1, q3 = (row.get(f'gmac_per_sec_paired_{k}') for k in ('ratio', 'q1', 'q3'))
+    return '-' if median is None else f'{median:.3f} ({q1:.2f}-{q3:.2f})'
+
+
 def print_table(rows: List[Dict[str, Any]]) -> None:
-    """One line per model: absolute figures, then the ratios to resnet50 (x)."""
+    """One line per model: absolute figures, then the ratios to resnet50 (x); ``paired x`` is the median over rounds of
+    the GMAC/s ratio within each round, with its quartiles (:func:`paired_ratio`)."""
     head = (
         'model',
         'bench',
@@ -480,6 +512,7 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
         'GMACs',
         'img/s x',
         'GMAC/s x',
+        'paired x (IQR)',
         'MB/img x',
     )
     lines = [head]
@@ -497,6 +530,7 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
                 _fmt(r['gmacs'], 3),
                 _fmt(r['samples_per_sec_ratio'], 3),
                 _fmt(r['gmac_per_sec_ratio'], 3),
+                _fmt_paired(r),
                 _fmt(r['peak_mem_mb_per_image_ratio'], 3),
             )
         )
