@@ -10,9 +10,11 @@ import argparse
 import importlib
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ from torch.utils.data import TensorDataset
 from hsresnet.classification.data import FashionMNIST, find_fashion_mnist
 from hsresnet.engine import (
     CheckpointError,
+    DistInfo,
     add_config_argument,
     add_engine_arguments,
     amp_enabled,
@@ -242,6 +245,41 @@ def test_resume_matches_uninterrupted(tmp_path):
     rows = (Path(part_cfg.output) / 'metrics.csv').read_text().splitlines()
     assert len(rows) == 4  # the CSV covers the whole run after resume
     assert os.path.exists(Path(part_cfg.output) / 'summary.json')
+
+
+class RandomDraws(torch.utils.data.Dataset):
+    """Each item: its index and one draw from each RNG an augmentation may use."""
+
+    def __len__(self) -> int:
+        return 48
+
+    def __getitem__(self, i: int):
+        return torch.tensor([float(i), torch.rand(()).item(), float(np.random.rand()), random.random()])
+
+
+def draws_by_index(loader, epoch: int, skip_batches: int = 0) -> dict:
+    """One epoch as the engine runs it (sampler epoch, skip, loader generator reseeded): index -> its draws."""
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.skip = skip_batches * loader.batch_size
+    loader.generator.manual_seed(3 + epoch)
+    return {int(row[0]): row[1:].tolist() for batch in loader for row in batch}
+
+
+def test_worker_augmentations_replay_after_a_mid_epoch_resume():
+    """With data workers, a loader started at batch 5 (a resumed run) draws what the full epoch drew there."""
+    loader = make_loader(RandomDraws(), 4, True, DistInfo(), workers=2, seed=3)
+    full = draws_by_index(loader, epoch=1)
+    resumed = draws_by_index(make_loader(RandomDraws(), 4, True, DistInfo(), workers=2, seed=3), 1, skip_batches=5)
+    assert len(full) == 48 and len(resumed) == 48 - 5 * 4
+    assert all(resumed[i] == full[i] for i in resumed)
+    assert len({tuple(v) for v in full.values()}) == 48  # every sample draws its own numbers ...
+    other_epoch = draws_by_index(loader, epoch=2)
+    assert all(other_epoch[i] != full[i] for i in full)  # ... and new ones every epoch
+    plain = torch.utils.data.DataLoader(  # the same loader without the per-batch seeding: what the test guards
+        RandomDraws(), 4, sampler=loader.sampler, num_workers=2, generator=torch.Generator()
+    )
+    plain_full, plain_resumed = draws_by_index(plain, 1), draws_by_index(plain, 1, skip_batches=5)
+    assert any(plain_resumed[i] != plain_full[i] for i in plain_resumed)
 
 
 _PAGE_FAULTS_OF_TRAINING_STEPS = """

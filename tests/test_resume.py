@@ -67,12 +67,15 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     assert Path(killed / 'summary.json').is_file()
 
 
-def test_crash_after_a_recovery_checkpoint_resumes_mid_epoch(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_crash_after_a_recovery_checkpoint_resumes_mid_epoch(tmp_path, monkeypatch, capsys, workers):
     """--recovery-interval: a crash in the middle of epoch 2 loses only the steps after the last recovery point;
-    the resumed run skips the batches already trained on and ends with the uninterrupted run's weights and metrics."""
+    the resumed run skips the batches already trained on and ends with the uninterrupted run's weights and metrics,
+    also with data workers drawing the random crops and flips."""
     from hsresnet.classification.task import ClassificationTask
 
     args = [*ARGS, '--recovery-interval', '5']  # 24 batches per epoch: recovery points at steps 5, 10, ... 35
+    args[args.index('-j') + 1] = workers
     full, crashed = tmp_path / 'full', tmp_path / 'crashed'
     assert main([*args, '--output', str(full)]) == 0
 

@@ -10,12 +10,12 @@ import itertools
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
 
 @dataclass
@@ -154,6 +154,46 @@ class ResumableSampler(DistributedSampler):
         return max(super().__len__() - self.skip, 0)
 
 
+class WorkerSeededDataset(Dataset):
+    """A training dataset whose random augmentations in data workers depend only on the epoch and the batch.
+
+    A worker's RNG otherwise advances with every sample it has loaded, and batches go to workers in turn, so a run
+    resumed in the middle of an epoch (which starts its loader at the next batch, on worker 0, with fresh RNGs) would
+    draw other augmentations for the rest of the epoch than the uninterrupted run. Here each batch reseeds Python,
+    NumPy and torch in its worker from the loader's base seed of the epoch (the same after a resume: the engine
+    reseeds the loader's generator every epoch) and the batch's first index. In the main process (``-j 0``) nothing
+    is reseeded: the engine's per-epoch seeding already replays it.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        self._reseed(index, 1)
+        return self.dataset[index]
+
+    def __getitems__(self, indices: List[int]) -> list:
+        self._reseed(indices[0], len(indices))
+        if hasattr(self.dataset, '__getitems__'):
+            return self.dataset.__getitems__(indices)
+        return [self.dataset[i] for i in indices]
+
+    @staticmethod
+    def _reseed(first_index: int, count: int) -> None:
+        worker = get_worker_info()
+        if worker is None:
+            return
+        base_seed = worker.seed - worker.id  # the loader draws one base seed per epoch; worker k gets base + k
+        words = np.random.SeedSequence([base_seed % 2**64, first_index, count]).generate_state(2, dtype=np.uint64)
+        seed = int(words[0]) >> 1  # torch takes seeds below 2**63
+        random.seed(seed)
+        np.random.seed(int(words[1]) % 2**32)
+        torch.manual_seed(seed)
+
+
 def _seed_worker(worker_id: int) -> None:
     """Give NumPy and Python ``random`` in each worker a seed derived from torch's per-worker seed."""
     seed = torch.initial_seed() % 2**32
@@ -175,9 +215,12 @@ def make_loader(
 
     Training uses a ``DistributedSampler`` even in a single process: its order depends only on (seed, epoch), which
     the engine sets each epoch with ``set_epoch``, so a resumed run replays the same order (from a mid-epoch
-    checkpoint, the rest of it: ``ResumableSampler.skip``).
+    checkpoint, the rest of it: ``ResumableSampler.skip``), and with data workers the same augmentations
+    (``WorkerSeededDataset``, which then wraps the training dataset: ``loader.dataset.dataset`` is the original).
     """
     if train:
+        if workers > 0:
+            dataset = WorkerSeededDataset(dataset)
         sampler: Sampler = ResumableSampler(
             dataset,
             num_replicas=info.world_size,

@@ -8,8 +8,9 @@ Determinism and resume: every epoch starts by seeding Python, NumPy and torch fr
 sampler and loader generator from (seed, epoch), and a checkpoint is written after every epoch and, with
 ``--recovery-interval N``, every N optimizer steps inside it (the RNGs are then re-seeded from (seed, epoch, batch,
 rank)). A run killed in the middle of epoch e resumes from its last checkpoint: the sampler skips the batches
-already trained on and the rest of the epoch is replayed exactly, so with ``--deterministic`` (and ``-j 0``; data
-workers would draw their augmentations in another order) the final weights equal those of an uninterrupted run.
+already trained on and the rest of the epoch is replayed exactly, so with ``--deterministic`` the final weights equal
+those of an uninterrupted run, with or without data workers (``make_loader`` seeds each batch's augmentations in a
+worker from the epoch and the batch: ``WorkerSeededDataset``).
 """
 
 from __future__ import annotations
