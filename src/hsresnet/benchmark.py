@@ -278,14 +278,10 @@ def bench_group(
             ok = base is not None and row.get(key) is not None and base.get(key)
             row[f'{key}_ratio'] = row[key] / base[key] if ok else None
         row['step_times_ms'] = [round(t * 1e3, 3) for t in times[i]]
-        paired = None
+        paired: Tuple[Optional[float], ...] = (None, None, None)
         if base is not None and row['gmacs'] and base['gmacs']:
             paired = paired_ratio(times[i], times[base_index], row['gmacs'] / base['gmacs'])
-        row['gmac_per_sec_paired_ratio'], row['gmac_per_sec_paired_q1'], row['gmac_per_sec_paired_q3'] = paired or (
-            None,
-            None,
-            None,
-        )
+        row.update(zip(('gmac_per_sec_paired_ratio', 'gmac_per_sec_paired_q1', 'gmac_per_sec_paired_q3'), paired))
     return rows
 
 

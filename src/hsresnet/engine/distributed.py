@@ -187,11 +187,10 @@ class WorkerSeededDataset(Dataset):
         if worker is None:
             return
         base_seed = worker.seed - worker.id  # the loader draws one base seed per epoch; worker k gets base + k
-        words = np.random.SeedSequence([base_seed % 2**64, first_index, count]).generate_state(2, dtype=np.uint64)
-        seed = int(words[0]) >> 1  # torch takes seeds below 2**63
-        random.seed(seed)
-        np.random.seed(int(words[1]) % 2**32)
-        torch.manual_seed(seed)
+        seed, numpy_seed = np.random.SeedSequence([base_seed % 2**64, first_index, count]).generate_state(2)
+        random.seed(int(seed))
+        np.random.seed(int(numpy_seed))
+        torch.manual_seed(int(seed))
 
 
 def _seed_worker(worker_id: int) -> None:
