@@ -1,0 +1,86 @@
+"""torch.profiler on a training step of hs_resnet50 (batch 8) with the production block and with the plain reference
+block, same weights: self CPU time per op, and the backward time of each conv weight shape, where they differ most;
+medians over profiled steps that alternate between the two models (docs/performance.md, "The AVX2 machine again").
+
+    python benchmarks/scripts/profile_train_step.py [--threads 2] [--rounds 5] [--top 12]
+"""
+
+import argparse
+import collections
+import copy
+import statistics
+from typing import Callable, Counter, Dict, List, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
+
+import hsresnet  # noqa: F401  (registers the models)
+from hsresnet.engine.allocator import keep_freed_memory
+from hsresnet.reference import to_reference
+
+
+def training_step(model: nn.Module) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
+
+    def step() -> None:
+        nn.functional.cross_entropy(model.train()(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def profile_step(step: Callable[[], None]) -> Tuple[Counter, Counter]:
+    """One profiled step: milliseconds of self CPU time per op, and of ``convolution_backward`` per weight shape."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    ops, conv_backward = collections.Counter(), collections.Counter()
+    for event in prof.key_averages():
+        ops[event.key] += event.self_cpu_time_total / 1e3
+    for event in prof.events():
+        if event.name == 'aten::convolution_backward':
+            conv_backward[tuple(event.input_shapes[2])] += event.cpu_time_total / 1e3
+    return ops, conv_backward
+
+
+def medians(tables: List[Counter]) -> Counter:
+    """Per key, the median over the rounds (0 where a round lacks the key)."""
+    return collections.Counter({k: statistics.median(t[k] for t in tables) for k in set().union(*tables)})
+
+
+def print_differences(title: str, tables: Dict[str, Counter], top: int) -> None:
+    (name_a, a), (name_b, b) = tables.items()
+    totals = f'{name_a} {sum(a.values()):.0f} ms, {name_b} {sum(b.values()):.0f} ms per step'
+    print(f'{title}: {totals} (medians); the largest differences:')
+    for key in sorted(set(a) | set(b), key=lambda k: -abs(a[k] - b[k]))[:top]:
+        print(f'  {str(key):55s} {name_a} {a[key]:7.1f} ms  {name_b} {b[key]:7.1f} ms')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--rounds', type=int, default=5, help='profiled steps per model, alternating')
+    parser.add_argument('--top', type=int, default=12)
+    args = parser.parse_args()
+    keep_freed_memory()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    production = timm.create_model('hs_resnet50')
+    reference = to_reference(copy.deepcopy(production))
+    steps = {'production': training_step(production), 'reference': training_step(reference)}
+    for step in steps.values():  # warm-up
+        step()
+        step()
+    rounds: Dict[str, List[Tuple[Counter, Counter]]] = {name: [] for name in steps}
+    for r in range(args.rounds):  # alternate, so that a slow phase of the machine hits both alike
+        for name in list(steps)[:: 1 if r % 2 == 0 else -1]:
+            rounds[name].append(profile_step(steps[name]))
+    for i, title in enumerate(('self CPU time per op', 'convolution_backward per weight shape')):
+        print_differences(title, {name: medians([p[i] for p in runs]) for name, runs in rounds.items()}, args.top)
+
+
+if __name__ == '__main__':
+    main()
