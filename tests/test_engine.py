@@ -272,6 +272,9 @@ def test_worker_augmentations_replay_after_a_mid_epoch_resume():
     resumed = draws_by_index(make_loader(RandomDraws(), 4, True, DistInfo(), workers=2, seed=3), 1, skip_batches=5)
     assert len(full) == 48 and len(resumed) == 48 - 5 * 4
     assert all(resumed[i] == full[i] for i in resumed)
+    wrapped = loader.dataset  # WorkerSeededDataset; in the main process (-j 0) it leaves the RNGs alone
+    assert isinstance(wrapped.dataset, RandomDraws) and len(wrapped) == 48
+    assert not torch.equal(wrapped[3], wrapped[3]) and not torch.equal(*wrapped.__getitems__([3, 3]))
     assert len({tuple(v) for v in full.values()}) == 48  # every sample draws its own numbers ...
     other_epoch = draws_by_index(loader, epoch=2)
     assert all(other_epoch[i] != full[i] for i in full)  # ... and new ones every epoch
