@@ -7,7 +7,15 @@ import statistics
 import pytest
 import torch
 
-from hsresnet.benchmark import _meta_model, budget_width, count_macs, paired_ratio, peak_memory, plot_sweep
+from hsresnet.benchmark import (
+    _meta_model,
+    budget_width,
+    count_macs,
+    paired_ratio,
+    peak_memory,
+    plot_sweep,
+    print_sweep_markdown,
+)
 from hsresnet.cli import main
 
 
@@ -47,7 +55,8 @@ def test_benchmark_cli_inference_and_train(tmp_path, capsys):
         assert min(r['step_times_ms']) == pytest.approx(r['step_time_ms_min'], abs=1e-3)
         q1, q3 = r['gmac_per_sec_paired_q1'], r['gmac_per_sec_paired_q3']
         assert q1 <= r['gmac_per_sec_paired_ratio'] <= q3
-    assert base['gmac_per_sec_paired_ratio'] == 1.0
+    assert base['gmac_per_sec_paired_ratio'] == 1.0 and base['step_time_ms_paired_ratio'] == 1.0
+    assert hs['step_time_ms_paired_q1'] <= hs['step_time_ms_paired_ratio'] <= hs['step_time_ms_paired_q3']
     assert rows['hs_resnet26', 'train']['gmacs'] == pytest.approx(3 * hs['gmacs'])
     assert rows['hs_resnet26@onnxruntime', 'inference']['gmacs'] == pytest.approx(hs['gmacs'])
     assert data['meta']['torch'] == torch.__version__ and data['meta']['device'] == 'cpu'
@@ -73,6 +82,7 @@ def test_paired_ratio_follows_the_rounds_where_the_ratio_of_medians_mixes_them()
     assert (median, q1, q3) == pytest.approx((0.8, 0.8, 0.8))  # one odd round of six moves neither quartile
     assert paired_ratio([1.25] * 3, [1.0] * 3, work_ratio=1.1)[0] == pytest.approx(0.88)  # 10 % more MACs per step
     assert paired_ratio([2.0], [1.0], 1.0) == (0.5, 0.5, 0.5)
+    assert paired_ratio(model_times, base_times)[0] == pytest.approx(1.25)  # step time: the model's over the base's
 
 
 def test_benchmark_refuses_unknown_model():
@@ -104,15 +114,34 @@ def test_peak_memory_counts_a_known_allocation():
     assert 6 * 2**20 <= peak < 7 * 2**20
 
 
-def test_plot_sweep_writes_png(tmp_path):
+def sweep_rows():
+    """Rows as bench_group writes them for resnet50 and two HS models (s = 2, 5) at batch 1 and 8."""
     rows, specs = [], [{'name': 'resnet50'}]
     for name, s, scale in [('resnet50', None, 1.0), ('a', 2, 0.9), ('b', 5, 0.8)]:
         if s is not None:
             specs.append({'name': name, 's': s})
         for batch in (1, 8):
-            rows.append({'model': name, 'batch_size': batch, 'gmac_per_sec': 10 * scale,
-                         'samples_per_sec': batch * scale, 'step_time_ms': 100 / scale})  # fmt: skip
+            row = {'model': name, 'batch_size': batch, 'gmac_per_sec': 10 * scale, 'samples_per_sec': batch * scale,
+                   'step_time_ms': 100 / scale, 'param_count_m': 25.0, 'gmacs': 4.0}  # fmt: skip
+            for key, ratio, spread in (('step_time_ms', 1 / scale, 0.01), ('gmac_per_sec', scale, 0.02)):
+                row.update({f'{key}_paired_ratio': ratio, f'{key}_paired_q1': ratio - spread,
+                            f'{key}_paired_q3': ratio + spread})  # fmt: skip
+            rows.append(row)
+    return rows, specs
+
+
+def test_plot_sweep_writes_png(tmp_path):
+    rows, specs = sweep_rows()
     path = tmp_path / 'sweep.png'
     meta = {'device': 'cpu', 'cpu': 'test', 'torch_threads': 1, 'date_utc': 'now'}
     plot_sweep(rows, specs, 8, str(path), meta)
     assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_sweep_markdown_shows_paired_ratios(capsys):
+    rows, specs = sweep_rows()
+    print_sweep_markdown(rows, specs, 8)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ')]
+    assert [line.split(' | ')[0] for line in lines] == ['| model', '| resnet50', '| a', '| b']
+    assert lines[3].split(' | ')[5] == '1.25 (1.24-1.26)'  # b's batch-1 latency: 1 / 0.8 of resnet50's, paired
+    assert lines[3].rstrip(' |').split(' | ')[-1] == '0.80 (0.78-0.82)'  # b's GMAC/s at batch 8

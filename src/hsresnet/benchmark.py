@@ -278,21 +278,28 @@ def bench_group(
             ok = base is not None and row.get(key) is not None and base.get(key)
             row[f'{key}_ratio'] = row[key] / base[key] if ok else None
         row['step_times_ms'] = [round(t * 1e3, 3) for t in times[i]]
-        paired: Tuple[Optional[float], ...] = (None, None, None)
-        if base is not None and row['gmacs'] and base['gmacs']:
-            paired = paired_ratio(times[i], times[base_index], row['gmacs'] / base['gmacs'])
-        row.update(zip(('gmac_per_sec_paired_ratio', 'gmac_per_sec_paired_q1', 'gmac_per_sec_paired_q3'), paired))
+        paired: Dict[str, Tuple[Optional[float], ...]] = {'step_time_ms': (None,) * 3, 'gmac_per_sec': (None,) * 3}
+        if base is not None:
+            paired['step_time_ms'] = paired_ratio(times[i], times[base_index])
+            if row['gmacs'] and base['gmacs']:
+                paired['gmac_per_sec'] = paired_ratio(times[i], times[base_index], row['gmacs'] / base['gmacs'])
+        for key, values in paired.items():
+            row.update(zip((f'{key}_paired_ratio', f'{key}_paired_q1', f'{key}_paired_q3'), values))
     return rows
 
 
-def paired_ratio(times: Sequence[float], base_times: Sequence[float], work_ratio: float) -> Tuple[float, ...]:
-    """Median and quartiles over the rounds of one model's rate relative to the baseline's in the same round.
+def paired_ratio(
+    times: Sequence[float], base_times: Sequence[float], work_ratio: Optional[float] = None
+) -> Tuple[float, ...]:
+    """Median and quartiles over the rounds of one model's figure relative to the baseline's in the same round.
 
-    ``work_ratio`` is the model's work per step over the baseline's (its MACs over the baseline's for GMAC/s). Both
-    ran within seconds of each other in every round, so a slow drift of the machine cancels in each round's ratio,
-    where it does not in the ratio of the two medians; the quartiles show how far single rounds disagree.
+    Without ``work_ratio`` the figure is the step time; with it, the rate, where ``work_ratio`` is the model's work
+    per step over the baseline's (its MACs over the baseline's for GMAC/s). Both ran within seconds of each other in
+    every round, so a slow drift of the machine cancels in each round's ratio, where it does not in the ratio of the
+    two medians; the quartiles show how far single rounds disagree.
     """
-    per_round = [work_ratio * b / t for t, b in zip(times, base_times)]
+    pairs = zip(times, base_times)
+    per_round = [t / b for t, b in pairs] if work_ratio is None else [work_ratio * b / t for t, b in pairs]
     if len(per_round) < 2:
         return per_round[0], per_round[0], per_round[0]
     q1, median, q3 = statistics.quantiles(per_round, n=4, method='inclusive')
@@ -548,19 +555,25 @@ def _sweep_points(rows: List[Dict[str, Any]], specs: Sequence[Dict[str, Any]], b
 
 
 def print_sweep_markdown(rows: List[Dict[str, Any]], specs: Sequence[Dict[str, Any]], batch: int) -> None:
+    """The RQ3 table: ratios to resnet50 are paired (median over rounds, quartiles in brackets)."""
     base_thr = next(r for r in rows if r['model'] == RATIO_BASE and r['batch_size'] == batch)
     base_lat = next(r for r in rows if r['model'] == RATIO_BASE and r['batch_size'] == 1)
+
+    def paired(row: Dict[str, Any], key: str) -> str:
+        median, q1, q3 = (row[f'{key}_paired_{k}'] for k in ('ratio', 'q1', 'q3'))
+        return f'{median:.2f} ({q1:.2f}-{q3:.2f})'
+
     print(
-        f'\n| model | s | M params | GMACs | latency b=1 (ms) | x resnet50 | img/s b={batch} | x resnet50 | '
-        f'GMAC/s b={batch} | x resnet50 |'
+        f'\n| model | s | M params | GMACs | latency b=1 (ms) | x resnet50 | img/s b={batch} | GMAC/s b={batch} | '
+        'x resnet50 |'
     )
-    print('|---|---|---|---|---|---|---|---|---|---|')
+    print('|---|---|---|---|---|---|---|---|---|')
     for p in [{'s': '-', 'name': RATIO_BASE, 'thr': base_thr, 'lat': base_lat}] + _sweep_points(rows, specs, batch):
         t, lt = p['thr'], p['lat']
         print(
             f'| {p["name"]} | {p["s"]} | {t["param_count_m"]:.1f} | {t["gmacs"]:.2f} | {lt["step_time_ms"]:.1f} | '
-            f'{lt["step_time_ms_ratio"]:.2f} | {t["samples_per_sec"]:.1f} | {t["samples_per_sec_ratio"]:.2f} | '
-            f'{t["gmac_per_sec"]:.1f} | {t["gmac_per_sec_ratio"]:.2f} |'
+            f'{paired(lt, "step_time_ms")} | {t["samples_per_sec"]:.1f} | {t["gmac_per_sec"]:.1f} | '
+            f'{paired(t, "gmac_per_sec")} |'
         )
 
 
