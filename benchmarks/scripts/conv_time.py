@@ -6,16 +6,13 @@ models with many small ops.
     python benchmarks/scripts/conv_time.py [--batch-size 8] [--threads 2] [--repeats 5]
 """
 
-import argparse
 import collections
 import time
 
 import timm
 import torch
 import torch.nn as nn
-
-import hsresnet  # noqa: F401  (registers the models)
-from hsresnet.engine.allocator import keep_freed_memory
+from _common import make_parser, start
 
 
 def conv_times(model: nn.Module, x: torch.Tensor, repeats: int):
@@ -47,14 +44,10 @@ def conv_times(model: nn.Module, x: torch.Tensor, repeats: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__, repeats=5)
     parser.add_argument('--batch-size', '-b', type=int, default=8)
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--top', type=int, default=10, help='conv shapes to list')
-    args = parser.parse_args()
-    keep_freed_memory()
-    torch.set_num_threads(args.threads)
+    args = start(parser)
     x = torch.randn(args.batch_size, 3, 224, 224)
     reference_rate = None
     for name in ('resnet50', 'hs_resnet50'):

@@ -7,10 +7,8 @@
     python benchmarks/scripts/dropped_variants.py [--threads 2] [--repeats 15]
 """
 
-import argparse
 import copy
 import statistics
-import time
 from functools import partial
 from typing import Callable, Dict, List
 
@@ -18,8 +16,8 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _common import interleaved_times, make_parser, start
 
-from hsresnet.engine.allocator import keep_freed_memory
 from hsresnet.models import HSBottleneck
 
 
@@ -34,17 +32,9 @@ class MatmulConv1x1(nn.Conv2d):
 
 
 def interleaved_ms(variants: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
-    """Median milliseconds per call of each variant, timed in turn, after one warm-up call each."""
-    times = {name: [] for name in variants}
+    """Median milliseconds per call of each variant, without autograd."""
     with torch.inference_mode():
-        for run in variants.values():
-            run()
-        for _ in range(repeats):
-            for name, run in variants.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        return {name: statistics.median(t) * 1e3 for name, t in interleaved_times(variants, repeats).items()}
 
 
 def per_group(x: torch.Tensor, weight: torch.Tensor, groups: List[slice]) -> torch.Tensor:
@@ -53,13 +43,7 @@ def per_group(x: torch.Tensor, weight: torch.Tensor, groups: List[slice]) -> tor
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--repeats', type=int, default=15)
-    args = parser.parse_args()
-    keep_freed_memory()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = start(make_parser(__doc__, repeats=15))
 
     print('1. odd-channel 1x1 convs as matmul, alone (batch 8):')
     for cin, cout, size in ((90, 256, 56), (256, 90, 56), (180, 512, 28), (512, 180, 28)):

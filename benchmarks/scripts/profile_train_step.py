@@ -2,10 +2,9 @@
 block, same weights: self CPU time per op, and the backward time of each conv weight shape, where they differ most;
 medians over profiled steps that alternate between the two models (docs/performance.md, "The AVX2 machine again").
 
-    python benchmarks/scripts/profile_train_step.py [--threads 2] [--rounds 5] [--top 12]
+    python benchmarks/scripts/profile_train_step.py [--threads 2] [--repeats 5] [--top 12]
 """
 
-import argparse
 import collections
 import copy
 import statistics
@@ -13,24 +12,10 @@ from typing import Callable, Counter, Dict, List, Tuple
 
 import timm
 import torch
-import torch.nn as nn
+from _common import make_parser, start, training_step
 from torch.profiler import ProfilerActivity, profile
 
-import hsresnet  # noqa: F401  (registers the models)
-from hsresnet.engine.allocator import keep_freed_memory
 from hsresnet.reference import to_reference
-
-
-def training_step(model: nn.Module) -> Callable[[], None]:
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
-
-    def step() -> None:
-        nn.functional.cross_entropy(model.train()(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def profile_step(step: Callable[[], None]) -> Tuple[Counter, Counter]:
@@ -60,22 +45,18 @@ def print_differences(title: str, tables: Dict[str, Counter], top: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--rounds', type=int, default=5, help='profiled steps per model, alternating')
+    parser = make_parser(__doc__, repeats=5)
     parser.add_argument('--top', type=int, default=12)
-    args = parser.parse_args()
-    keep_freed_memory()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = start(parser)
     production = timm.create_model('hs_resnet50')
     reference = to_reference(copy.deepcopy(production))
-    steps = {'production': training_step(production), 'reference': training_step(reference)}
+    x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
+    steps = {'production': training_step(production, x, y), 'reference': training_step(reference, x, y)}
     for step in steps.values():  # warm-up
         step()
         step()
     rounds: Dict[str, List[Tuple[Counter, Counter]]] = {name: [] for name in steps}
-    for r in range(args.rounds):  # alternate, so that a slow phase of the machine hits both alike
+    for r in range(args.repeats):  # alternate, so that a slow phase of the machine hits both alike
         for name in list(steps)[:: 1 if r % 2 == 0 else -1]:
             rounds[name].append(profile_step(steps[name]))
     for i, title in enumerate(('self CPU time per op', 'convolution_backward per weight shape')):
