@@ -495,9 +495,10 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
-def _fmt_paired(row: Dict[str, Any]) -> str:
-    median, q1, q3 = (row.get(f'gmac_per_sec_paired_{k}') for k in ('ratio', 'q1', 'q3'))
-    return '-' if median is None else f'{median:.3f} ({q1:.2f}-{q3:.2f})'
+def _fmt_paired(row: Dict[str, Any], key: str = 'gmac_per_sec', digits: int = 3) -> str:
+    """A paired ratio as ``median (q1-q3)``, or ``-`` where the row has none."""
+    median, q1, q3 = (row.get(f'{key}_paired_{k}') for k in ('ratio', 'q1', 'q3'))
+    return '-' if median is None else f'{median:.{digits}f} ({q1:.2f}-{q3:.2f})'
 
 
 def print_table(rows: List[Dict[str, Any]]) -> None:
@@ -559,10 +560,6 @@ def print_sweep_markdown(rows: List[Dict[str, Any]], specs: Sequence[Dict[str, A
     base_thr = next(r for r in rows if r['model'] == RATIO_BASE and r['batch_size'] == batch)
     base_lat = next(r for r in rows if r['model'] == RATIO_BASE and r['batch_size'] == 1)
 
-    def paired(row: Dict[str, Any], key: str) -> str:
-        median, q1, q3 = (row[f'{key}_paired_{k}'] for k in ('ratio', 'q1', 'q3'))
-        return f'{median:.2f} ({q1:.2f}-{q3:.2f})'
-
     print(
         f'\n| model | s | M params | GMACs | latency b=1 (ms) | x resnet50 | img/s b={batch} | GMAC/s b={batch} | '
         'x resnet50 |'
@@ -572,8 +569,8 @@ def print_sweep_markdown(rows: List[Dict[str, Any]], specs: Sequence[Dict[str, A
         t, lt = p['thr'], p['lat']
         print(
             f'| {p["name"]} | {p["s"]} | {t["param_count_m"]:.1f} | {t["gmacs"]:.2f} | {lt["step_time_ms"]:.1f} | '
-            f'{paired(lt, "step_time_ms")} | {t["samples_per_sec"]:.1f} | {t["gmac_per_sec"]:.1f} | '
-            f'{paired(t, "gmac_per_sec")} |'
+            f'{_fmt_paired(lt, "step_time_ms", 2)} | {t["samples_per_sec"]:.1f} | {t["gmac_per_sec"]:.1f} | '
+            f'{_fmt_paired(t, "gmac_per_sec", 2)} |'
         )
 
 
