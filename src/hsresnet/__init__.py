@@ -3,6 +3,7 @@
 ``import hsresnet`` registers the ``hs_resnet*`` family into timm, so ``timm.create_model('hs_resnet50')`` works.
 """
 
+from . import baselines  # noqa: F401  (registers the same-skeleton baselines into timm)
 from .factory import create_model
 from .hsify import hsify
 from .layers import HSBlock, HSStridedBlock, hs_widths

@@ -50,12 +50,21 @@ RATIO_KEYS = ('samples_per_sec', 'step_time_ms', 'gmac_per_sec', 'peak_mem_mb_pe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--model', '-m', nargs='+', default=['hs_resnet50'], help='registered timm/hsresnet models')
+    parser.add_argument(
+        '--model',
+        '-m',
+        nargs='+',
+        default=['hs_resnet50'],
+        help='registered timm/hsresnet models, each optionally with constructor kwargs as a YAML mapping: '
+        "'hs_resnet26_small{w: 19, s: 5}'",
+    )
     parser.add_argument(
         '--baselines',
         default=','.join(BASELINES),
-        help=f'comma-separated baseline models (default: %(default)s); '
-        f'{RATIO_BASE} is always added as the ratio reference',
+        help='comma-separated baseline models (default: %(default)s; empty: none); --ratio-base is always added',
+    )
+    parser.add_argument(
+        '--ratio-base', default=RATIO_BASE, help='the model every ratio refers to, same syntax as -m (%(default)s)'
     )
     parser.add_argument('--no-reference', action='store_true', help='skip the plain reference HS block models')
     parser.add_argument('--optimized', action='store_true', help='add hsresnet.optimize(model) (inference only)')
@@ -68,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--bench', choices=('inference', 'train', 'both'), default='both')
     parser.add_argument('-b', '--batch-size', type=int, nargs='+', default=[8], help='one or more batch sizes')
     parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--in-chans', type=int, default=3, help='input channels (1 for grey images)')
     parser.add_argument('--num-classes', type=int, default=1000)
     parser.add_argument('--amp', action='store_true', help='autocast to --amp-dtype')
     parser.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), default='bfloat16')
@@ -114,22 +124,23 @@ def run(args: argparse.Namespace) -> int:
             with open(args.results_file, 'w') as f:
                 json.dump({'meta': machine_info(device, args), 'agreement': result}, f, indent=2)
         return 0
-    if min(args.batch_size) < 1 or args.img_size < 32 or args.repeats < 1 or args.iters < 1:
-        raise SystemExit('hsresnet benchmark: -b, --repeats and --iters must be >= 1 and --img-size >= 32.')
+    if min(args.batch_size) < 1 or args.img_size < 8 or args.repeats < 1 or args.iters < 1 or args.in_chans < 1:
+        raise SystemExit('hsresnet benchmark: -b, --repeats, --iters and --in-chans must be >= 1, --img-size >= 8.')
     known = set(timm.list_models())
     if args.sweep:
         specs = sweep_specs()
     else:
         baselines = [b for b in args.baselines.split(',') if b]
-        names = [RATIO_BASE] + [n for n in baselines + list(args.model) if n != RATIO_BASE]
-        specs = [{'name': n, 'model': n, 'kwargs': {}} for n in dict.fromkeys(names)]
+        names = [args.ratio_base] + [n for n in baselines + list(args.model) if n != args.ratio_base]
+        specs = [{'name': n, **model_spec(n)} for n in dict.fromkeys(names)]
         for n in args.model:
-            if n.startswith('hs_') and not args.no_reference:
-                specs.append({'name': f'{n}@reference', 'model': n, 'kwargs': {}, 'reference': True})
+            spec = model_spec(n)
+            if spec['model'].startswith('hs_') and not args.no_reference:
+                specs.append({'name': f'{n}@reference', **spec, 'reference': True})
             if args.optimized:
-                specs.append({'name': f'{n}@optimized', 'model': n, 'kwargs': {}, 'optimized': True})
+                specs.append({'name': f'{n}@optimized', **spec, 'optimized': True})
             if args.onnxruntime:
-                specs.append({'name': f'{n}@onnxruntime', 'model': n, 'kwargs': {}, 'onnxruntime': True})
+                specs.append({'name': f'{n}@onnxruntime', **spec, 'onnxruntime': True})
     unknown = sorted({s['model'] for s in specs} - known)
     if unknown:
         raise SystemExit(f'hsresnet benchmark: unknown model(s) {unknown}; see timm.list_models("hs_*").')
@@ -167,6 +178,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_spec(text: str) -> Dict[str, Any]:
+    """``'hs_resnet26_small{w: 19, s: 5}'`` -> ``{'model': 'hs_resnet26_small', 'kwargs': {'w': 19, 's': 5}}``."""
+    import yaml
+
+    name, brace, rest = text.partition('{')
+    kwargs = yaml.safe_load(brace + rest) if brace else {}
+    if not isinstance(kwargs, dict) or not name:
+        raise SystemExit(f'hsresnet benchmark: {text!r} is not NAME or NAME{{key: value, ...}}.')
+    return {'model': name.strip(), 'kwargs': kwargs}
+
+
 def sweep_specs() -> List[Dict[str, Any]]:
     """resnet50, the four budget-matched presets and, for the other s in 2..8, the w closest to ResNet-50's MACs."""
     target = count_macs(_meta_model('resnet50', {}))
@@ -195,9 +217,9 @@ def _meta_model(name: str, kwargs: Dict[str, Any]) -> nn.Module:
         return timm.create_model(name, **kwargs).eval()
 
 
-def count_macs(model: nn.Module, img_size: int = 224) -> float:
+def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> float:
     """Forward MACs per image (conv + linear: FlopCounterMode FLOPs / 2), the counter of ``hsresnet complexity``."""
-    return float(count_complexity(model, img_size).macs)
+    return float(count_complexity(model, img_size, in_chans).macs)
 
 
 def build(spec: Dict[str, Any], kind: str, device: torch.device, args: argparse.Namespace) -> nn.Module:
@@ -206,7 +228,7 @@ def build(spec: Dict[str, Any], kind: str, device: torch.device, args: argparse.
     from .optimize import optimize
     from .reference import to_reference
 
-    model = timm.create_model(spec['model'], num_classes=args.num_classes, **spec['kwargs'])
+    model = timm.create_model(spec['model'], num_classes=args.num_classes, in_chans=args.in_chans, **spec['kwargs'])
     if spec.get('reference'):
         to_reference(model)
     model.to(device).train(kind == 'train')
@@ -231,7 +253,7 @@ def bench_group(
         macs = None
         if not twin:  # an optimized or exported twin has the same arithmetic as its eager model: filled in below
             eval_copy = copy.deepcopy(base).float().eval()
-            macs = count_macs(eval_copy, args.img_size) * (TRAIN_MAC_FACTOR if kind == 'train' else 1)
+            macs = count_macs(eval_copy, args.img_size, args.in_chans) * (TRAIN_MAC_FACTOR if kind == 'train' else 1)
         params = sum(p.numel() for p in base.parameters())
         if spec.get('onnxruntime'):
             step = onnxruntime_step(model, batch, device, args)
@@ -271,7 +293,8 @@ def bench_group(
         no_peak = args.no_memory or specs[i].get('onnxruntime')  # onnxruntime's arena is not torch's allocator
         peak = None if no_peak else peak_memory(steps[i], device)
         row['peak_mem_mb_per_image'] = peak / batch / 2**20 if peak is not None else None
-    base_index = next((i for i, r in enumerate(rows) if r['model'] == RATIO_BASE), None)
+    ratio_base = RATIO_BASE if args.sweep else args.ratio_base
+    base_index = next((i for i, r in enumerate(rows) if r['model'] == ratio_base), None)
     base = rows[base_index] if base_index is not None else None
     for i, row in enumerate(rows):
         for key in RATIO_KEYS:
@@ -311,7 +334,7 @@ def make_step(
 ) -> Callable[[], None]:
     """One inference or training step on a fixed random batch (as timm's benchmark does)."""
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=fmt)
+    x = torch.randn(batch, args.in_chans, args.img_size, args.img_size, device=device).contiguous(memory_format=fmt)
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if args.amp else nullcontext
     run_model = torch.compile(model, mode=args.torchcompile) if compiled else model
@@ -348,7 +371,7 @@ def onnxruntime_step(
 
     from .classification.export import write_onnx
 
-    x = torch.randn(batch, 3, args.img_size, args.img_size)
+    x = torch.randn(batch, args.in_chans, args.img_size, args.img_size)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, 'model.onnx')
         write_onnx(model.cpu().eval(), x, path)

@@ -15,6 +15,7 @@ counts a built model, on the meta device when possible. Tests check that both ag
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -42,6 +43,7 @@ __all__ = [
     'build_timm_model',
     'count_timm_model',
     'solve_budget',
+    'match_width',
     'preset_complexities',
     'DOWN_MODES',
     'STEM_TYPES',
@@ -344,6 +346,63 @@ def solve_budget(
                 distance = math.sqrt(sum(d * d for d in deviations))
                 fits.append(Fit(w, s, c, ratios['params'], ratios['macs'], distance))
     return sorted(fits, key=lambda f: (f.distance, f.s, f.w))
+
+
+def match_width(
+    name: str,
+    budget: Complexity,
+    knob: str = 'base_width',
+    input_size: SizeArg = 224,
+    tolerance: float = 0.05,
+    values: Sequence[int] = range(1, 513),
+    **kwargs,
+) -> Tuple[int, Complexity]:
+    """The value of the width argument ``knob`` of timm model ``name`` whose params and MACs come closest to
+    ``budget`` (distance as in :func:`solve_budget`); a ValueError when even the closest is off by more than
+    ``tolerance``. Both counts grow with the width, so a bisection on MACs finds the crossing and its neighbours are
+    counted; values the model refuses (e.g. odd widths where a block needs even ones) are skipped.
+    """
+
+    values, counts = list(values), {}
+
+    def at(i: int) -> Optional[Complexity]:
+        if i not in counts:
+            try:
+                counts[i] = count_timm_model(name, input_size, **{**kwargs, knob: values[i]})
+            except (ValueError, AssertionError):  # a width the model's blocks refuse
+                counts[i] = None
+        return counts[i]
+
+    def valid(indices: Iterable[int]) -> Iterable[int]:
+        return (i for i in indices if at(i) is not None)
+
+    def distance(c: Complexity) -> float:
+        return math.hypot(c.params / budget.params - 1, c.macs / budget.macs - 1)
+
+    lo, hi = 0, len(values)  # the first valid value whose MACs reach the budget's lies in values[lo:hi], if any
+    while lo < hi:
+        mid = (lo + hi) // 2
+        j = next(valid(range(mid, hi)), None)
+        if j is None:
+            hi = mid
+        elif counts[j].macs >= budget.macs:
+            hi = j
+        else:
+            lo = j + 1
+    below = list(itertools.islice(valid(range(lo - 1, -1, -1)), 2))
+    above = list(itertools.islice(valid(range(lo, len(values))), 2))
+    counted = [(values[i], counts[i]) for i in below + above]
+    if not counted:
+        raise ValueError(f'{name}: no {knob} in {values[0]}..{values[-1]} builds a model with {kwargs}.')
+    value, best = min(counted, key=lambda vc: distance(vc[1]))
+    worst = max(abs(best.params / budget.params - 1), abs(best.macs / budget.macs - 1))
+    if worst > tolerance:
+        raise ValueError(
+            f'{name}: the closest {knob}={value} gives {best.mparams:.3f} M params / {best.gmacs:.4f} GMACs, '
+            f'{worst:.1%} off the budget of {budget.mparams:.3f} M / {budget.gmacs:.4f} G (tolerance {tolerance:.0%}); '
+            'change another width argument or the tolerance.'
+        )
+    return value, best
 
 
 def preset_complexities(**net_kwargs) -> Dict[str, Tuple[int, int, Complexity]]:

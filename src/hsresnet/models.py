@@ -18,7 +18,7 @@ from timm.models.resnet import ResNet
 
 from .layers import HSBlock, HSStridedBlock, adapt_norm_layer, check_hs_args, has_hooks
 
-__all__ = ['HSBottleneck', 'HSResNet', 'LAYOUTS', 'PRESETS', 'D_VARIANT_KWARGS', 'group_width']
+__all__ = ['HSBottleneck', 'HSResNet', 'LAYOUTS', 'PRESETS', 'D_VARIANT_KWARGS', 'group_width', 'use_small_input_stem']
 
 LAYOUTS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 # (w, s) of the named ResNet-50 presets, see docs/architecture.md (budget-matched to ResNet-50 except 28w_6s)
@@ -197,32 +197,48 @@ class HSResNet(ResNet):
         self._check_stem_channels(small_input)
 
     def _check_stem_channels(self, small_input: bool) -> None:
-        """Swap the first stem conv for a ``ChannelCheckedConv2d`` (3x3, stride 1 for small inputs)."""
+        """Make the first stem conv a ``ChannelCheckedConv2d`` (3x3 with stride 1 for small inputs)."""
+        if small_input:
+            use_small_input_stem(self, ChannelCheckedConv2d)
+            return
         deep = isinstance(self.conv1, nn.Sequential)
         old = self.conv1[0] if deep else self.conv1
-        kernel, stride, padding = (3, 1, 1) if small_input else (old.kernel_size, old.stride, old.padding)
         new = ChannelCheckedConv2d(
             old.in_channels,
             old.out_channels,
-            kernel,
-            stride,
-            padding,
+            old.kernel_size,
+            old.stride,
+            old.padding,
             bias=False,
             device=old.weight.device,
             dtype=old.weight.dtype,
         )
-        if not small_input:
-            new.weight = old.weight
-        elif not new.weight.is_meta:
-            nn.init.kaiming_normal_(new.weight, mode='fan_out', nonlinearity='relu')
+        new.weight = old.weight
         if deep:
             self.conv1[0] = new
         else:
             self.conv1 = new
-        if small_input:
-            self.maxpool = nn.Identity()
-            for info in self.feature_info:
-                info['reduction'] = max(1, info['reduction'] // 4)
+
+
+def use_small_input_stem(model: ResNet, conv_layer: Callable[..., nn.Conv2d] = nn.Conv2d) -> ResNet:
+    """Give a timm ``ResNet`` the stem for 28-64 px images, in place: its first conv becomes a freshly initialised
+    3x3 ``conv_layer`` with stride 1 and the max-pool goes, so stage 1 sees the image at full resolution;
+    ``feature_info`` reports the 4x smaller reductions. Shared by ``hs_resnet26_small`` and its baselines."""
+    deep = isinstance(model.conv1, nn.Sequential)
+    old = model.conv1[0] if deep else model.conv1
+    new = conv_layer(
+        old.in_channels, old.out_channels, 3, 1, 1, bias=False, device=old.weight.device, dtype=old.weight.dtype
+    )
+    if not new.weight.is_meta:
+        nn.init.kaiming_normal_(new.weight, mode='fan_out', nonlinearity='relu')
+    if deep:
+        model.conv1[0] = new
+    else:
+        model.conv1 = new
+    model.maxpool = nn.Identity()
+    for info in model.feature_info:
+        info['reduction'] = max(1, info['reduction'] // 4)
+    return model
 
 
 def _create_hs_resnet(variant: str, depth: int, pretrained: bool, kwargs: Dict[str, Any], **defaults) -> HSResNet:

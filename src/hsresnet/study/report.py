@@ -1,0 +1,221 @@
+"""``hsresnet study report``: what the finished runs of a study say, as Markdown tables, CSV and PNG plots.
+
+Per model (a cell: one model of an experiment over its seeds): the mean, standard deviation and 95 % confidence
+interval (Student's t) of each metric; against the experiment's reference model, the paired difference over the
+seeds both have finished, with its 95 % interval. A difference is called only when that interval excludes zero;
+otherwise the report says there is no measurable difference at this scale. It reads whatever has finished, so it
+can run while the study is still going.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from ..engine.logs import write_csv
+from .runner import PLAN_FILE, read_json
+
+NO_DIFFERENCE = 'no measurable difference at this scale'
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95) -> Dict[str, Optional[float]]:
+    """Mean, sample standard deviation and the two-sided ``level`` t interval of the mean (None where n < 2)."""
+    from scipy.stats import t
+
+    n = len(values)
+    if n == 0:
+        return {'n': 0, 'mean': None, 'sd': None, 'low': None, 'high': None}
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {'n': 1, 'mean': mean, 'sd': None, 'low': None, 'high': None}
+    sd = statistics.stdev(values)
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return {'n': n, 'mean': mean, 'sd': sd, 'low': mean - half, 'high': mean + half}
+
+
+def verdict(diff: Dict[str, Optional[float]], higher: str = 'higher', lower: str = 'lower') -> str:
+    """``higher``/``lower`` when the interval of a paired difference excludes zero, else no measurable difference."""
+    if diff['low'] is None:
+        return 'too few paired seeds'
+    if diff['low'] > 0:
+        return higher
+    if diff['high'] < 0:
+        return lower
+    return NO_DIFFERENCE
+
+
+def collect(out: Path) -> Dict[str, Any]:
+    """The study plan with, per experiment and model, the finished runs' summaries by seed and the benchmark row."""
+    plan = read_json(out / PLAN_FILE)
+    if plan is None:
+        raise ValueError(f'{out} holds no {PLAN_FILE}: pass the output folder of `hsresnet study run`.')
+    summaries: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    for run in plan['runs']:
+        if run['label'] is None:
+            continue
+        summary = read_json(out / run['key'] / 'summary.json')
+        if summary is not None:
+            summaries.setdefault(f'{run["key"].split("/")[0]}/{run["label"]}', {})[run['seed']] = summary
+    for name, exp in plan['experiments'].items():
+        recipe = Path(exp['recipe']).stem
+        rows = (read_json(out / 'benchmark' / name / 'results.json') or {}).get('results', [])
+        for model in exp['models']:
+            model['runs'] = summaries.get(f'{recipe}/{model["label"]}', {})
+            spec = _spec(model)
+            model['benchmark'] = next((r for r in rows if r['model'] == spec), None)
+    return plan
+
+
+def _spec(model: Dict[str, Any]) -> str:
+    from .plan import flow
+
+    return model['model'] + (flow(model['kwargs']) if model['kwargs'] else '')
+
+
+def cells(exp: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One row per model of an experiment: counts, throughput and, per metric, its statistics and the paired
+    difference to the reference."""
+    models = {m['label']: m for m in exp['models']}
+    reference = models[exp['reference']]
+    budget = exp['budget']
+    rows = []
+    for m in exp['models']:
+        bench = m.get('benchmark') or {}
+        row: Dict[str, Any] = {
+            'model': m['label'],
+            'reference': m['label'] == exp['reference'],
+            **{k: m['own'].get(k) for k in exp['sweep']},
+            'params_m': m['params'] / 1e6,
+            'params_x': m['params'] / budget['params'],
+            'mmacs': m['macs'] / 1e6,
+            'macs_x': m['macs'] / budget['macs'],
+            'images_per_s': bench.get('samples_per_sec'),
+            'throughput_x': bench.get('step_time_ms_paired_ratio') and 1 / bench['step_time_ms_paired_ratio'],
+            'seeds': sorted(m['runs']),
+        }
+        for metric in exp['metrics']:
+            values = {seed: s[metric] for seed, s in m['runs'].items() if s.get(metric) is not None}
+            stats = mean_interval(list(values.values()))
+            row.update({f'{metric}_{k}': v for k, v in stats.items()})
+            ref_values = {seed: s[metric] for seed, s in reference['runs'].items() if s.get(metric) is not None}
+            paired = [values[s] - ref_values[s] for s in sorted(values.keys() & ref_values.keys())]
+            diff = mean_interval(paired)
+            row.update({f'{metric}_diff_{k}': v for k, v in diff.items()})
+            row[f'{metric}_verdict'] = '(reference)' if row['reference'] else verdict(diff)
+        rows.append(row)
+    return rows
+
+
+def _f(value: Optional[float], digits: int = 2) -> str:
+    return '-' if value is None else f'{value:.{digits}f}'
+
+
+def markdown(name: str, exp: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
+    """The experiment's table: counts against the budget, throughput against the reference, each metric's mean,
+    standard deviation, interval and paired difference to the reference."""
+    metric, budget = exp['metrics'][0], exp['budget']
+    lines = [
+        f'### {name}',
+        '',
+        exp['question'] or '',
+        '',
+        f'Task `{exp["task"]}`, recipe `{Path(exp["recipe"]).name}`, input {exp["input"]["size"]} px; budget '
+        f'`{budget["label"]}` ({budget["params"] / 1e6:.3f} M params, {budget["macs"] / 1e6:.2f} M MACs); '
+        f'differences are paired by seed against `{exp["reference"]}`.',
+        '',
+        f'| model | params (M) | x budget | MMACs | x budget | img/s | x ref | {metric} mean ± sd (n) | 95 % CI | '
+        f'diff to ref [95 % CI] | verdict |',
+        '|---|---|---|---|---|---|---|---|---|---|---|',
+    ]
+    for r in rows:
+        n = r[f'{metric}_n']
+        mean = f'{_f(r[f"{metric}_mean"])} ± {_f(r[f"{metric}_sd"])} ({n})' if n else '-'
+        ci = f'[{_f(r[f"{metric}_low"])}, {_f(r[f"{metric}_high"])}]' if r[f'{metric}_low'] is not None else '-'
+        diff = '-'
+        if not r['reference'] and r[f'{metric}_diff_mean'] is not None:
+            low, high = r[f'{metric}_diff_low'], r[f'{metric}_diff_high']
+            diff = f'{r[f"{metric}_diff_mean"]:+.2f}' + (f' [{low:+.2f}, {high:+.2f}]' if low is not None else '')
+        lines.append(
+            f'| `{r["model"]}` | {r["params_m"]:.3f} | {r["params_x"]:.3f} | {r["mmacs"]:.2f} | {r["macs_x"]:.3f} | '
+            f'{_f(r["images_per_s"], 0)} | {_f(r["throughput_x"], 3)} | {mean} | {ci} | {diff} | '
+            f'{r[f"{metric}_verdict"]} |'
+        )
+    for other in exp['metrics'][1:]:
+        lines += ['', f'{other}: ' + '; '.join(
+            f'`{r["model"]}` {_f(r[f"{other}_mean"], 3)} ± {_f(r[f"{other}_sd"], 3)}'
+            + ('' if r['reference'] else f' ({r[f"{other}_verdict"]})')
+            for r in rows
+        )]  # fmt: skip
+    return '\n'.join(lines) + '\n'
+
+
+def plot(name: str, exp: Dict[str, Any], rows: List[Dict[str, Any]], folder: Path) -> List[Path]:
+    """``<name>.png``: the main metric against MACs and against measured throughput (mean and 95 % interval per
+    model), and for a sweep the metric and the throughput against the swept value."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    metric = exp['metrics'][0]
+    done = [r for r in rows if r[f'{metric}_n']]
+    if not done:
+        return []
+    sweep = next(iter(exp['sweep']), None)
+    panels = [('mmacs', 'MMACs per image'), ('images_per_s', 'measured images/s')] + ([(sweep, sweep)] if sweep else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2))
+    for ax, (key, xlabel) in zip(axes, panels):
+        points = [r for r in done if r.get(key) is not None]
+        for r in points:
+            x, y = r[key], r[f'{metric}_mean']
+            half = r[f'{metric}_high'] - y if r[f'{metric}_high'] is not None else 0
+            ax.errorbar(x, y, yerr=half, fmt='o', capsize=3, color='C3' if r['reference'] else 'C0')
+            if key != sweep:
+                ax.annotate(r['model'], (x, y), fontsize=6, xytext=(3, 3), textcoords='offset points')
+        if key == sweep and points:
+            points.sort(key=lambda r: r[key])
+            ax.plot([r[key] for r in points], [r[f'{metric}_mean'] for r in points], '-', color='C0', alpha=0.5)
+            speed = [r for r in points if r['images_per_s']]
+            if speed:
+                twin = ax.twinx()
+                twin.plot([r[key] for r in speed], [r['images_per_s'] for r in speed], 's--', color='C2')
+                twin.set_ylabel('measured images/s', color='C2')
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f'{metric} (mean, 95 % CI)')
+        ax.grid(alpha=0.3)
+    fig.suptitle(f'{name}: {exp["question"]}'[:150], fontsize=9)
+    fig.tight_layout()
+    path = folder / f'{name}.png'
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def write_report(out: Path, folder: Optional[Path] = None) -> Path:
+    """Write ``study.md``, ``cells.csv``, ``runs.csv`` and one PNG per experiment into ``folder``
+    (default ``<out>/report``); returns the Markdown file."""
+    plan = collect(out)
+    folder = folder or out / 'report'
+    folder.mkdir(parents=True, exist_ok=True)
+    sections, all_cells, all_runs = [], [], []
+    finished = sum(len(m['runs']) for e in plan['experiments'].values() for m in e['models'])
+    for name, exp in plan['experiments'].items():
+        rows = cells(exp)
+        sections.append(markdown(name, exp, rows))
+        plot(name, exp, rows, folder)
+        all_cells += [{'experiment': name, **{k: v for k, v in r.items() if k != 'seeds'}} for r in rows]
+        for m in exp['models']:
+            for seed, summary in sorted(m['runs'].items()):
+                metrics = {k: summary.get(k) for k in exp['metrics']}
+                all_runs.append({'experiment': name, 'model': m['label'], 'seed': seed, **metrics,
+                                 'train_time_s': summary.get('train_time_s')})  # fmt: skip
+    total = sum(1 for r in plan['runs'] if r['label'] is not None)
+    head = f'# Study `{Path(plan["study"]).name}`: {len({r["key"] for r in plan["runs"] if r["label"]})} runs planned'
+    text = head + f' (seeds {plan["seeds"]})\n\nFinished runs counted per experiment: {finished}; planned: {total}.\n\n'
+    path = folder / 'study.md'
+    path.write_text(text + '\n'.join(sections))
+    write_csv(folder / 'cells.csv', all_cells)
+    write_csv(folder / 'runs.csv', all_runs)
+    return path
