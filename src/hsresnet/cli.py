@@ -22,6 +22,7 @@ COMMANDS = {
     'segment': ('hsresnet.segmentation.cli', 'semantic segmentation (DeepLabV3+): train, eval, predict'),
     'detect': ('hsresnet.detection.cli', 'Faster/Mask R-CNN detection and instance segmentation: train, eval, predict'),
     'data': ('hsresnet.prepare', 'data prepare: small real datasets (tree crowns, nuclei) from package wheels'),
+    'receptive-field': ('hsresnet.receptive_field_cli', 'receptive fields of blocks and trained networks (RQ1)'),
     'study': ('hsresnet.study.cli', 'controlled comparisons with same-skeleton baselines: run, report (YAML)'),
 }
 

@@ -27,7 +27,7 @@ Schema (unknown keys are refused)::
         reference: {model: ...}      # paired differences are taken against it (default: the first model)
         metrics: [top1]              # summary.json keys, the first is the main one (default per task)
         minutes_per_run: 6           # the time estimate before any run has finished
-        benchmark: {batch_size: 128, bench: train, args: [--channels-last]}
+        benchmark: {batch_size: 128, args: [--channels-last, --repeats, 15]}
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ EXPERIMENT_KEYS = {
     'reference', 'metrics', 'minutes_per_run', 'benchmark',
 }  # fmt: skip
 MODEL_KEYS = {'model', 'model_kwargs', 'match', 'tolerance', 'name'}
-BENCHMARK_KEYS = {'batch_size', 'bench', 'args', 'threads'}
+BENCHMARK_KEYS = {'batch_size', 'args', 'threads'}
 
 
 class StudyError(ValueError):
@@ -248,15 +248,14 @@ def load_study(path: str | Path) -> Study:
 
 
 def _benchmark_run(exp: Experiment) -> Run:
-    """``hsresnet benchmark`` of every model of ``exp`` (its budget and reference too) in one interleaved run, at
-    the experiment's input size, with ratios to the reference."""
+    """``hsresnet benchmark`` of the models of ``exp`` in one interleaved run, at the experiment's input size, with
+    ratios to its reference: inference and training steps at ``benchmark.batch_size`` (default 8)."""
     bench = exp.benchmark
     inp = exp.input
-    models = _unique([exp.reference, exp.budget, *exp.models])
-    argv = ['benchmark', '-m', *(m.spec() for m in models), '--ratio-base', exp.reference.spec(), '--baselines', '']
-    argv += ['--no-reference', '--no-memory', '--img-size', str(inp['size']), '--in-chans', str(inp['in_chans'])]
-    argv += ['--num-classes', str(inp['num_classes'] or 1000), '-b', str(bench.get('batch_size', 8))]
-    argv += ['--bench', str(bench.get('bench', 'inference')), *map(str, bench.get('args') or [])]
+    argv = ['benchmark', '-m', *(m.spec() for m in exp.models), '--ratio-base', exp.reference.spec()]
+    argv += ['--baselines', '', '--no-reference', '--no-memory', '--img-size', str(inp['size'])]
+    argv += ['--in-chans', str(inp['in_chans']), '--num-classes', str(inp['num_classes'] or 1000)]
+    argv += ['-b', str(bench.get('batch_size', 8)), '--bench', 'both', *map(str, bench.get('args') or [])]
     return Run(f'benchmark/{exp.name}', argv, argv, [exp.name], threads=bench.get('threads'))
 
 

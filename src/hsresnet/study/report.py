@@ -64,7 +64,7 @@ def collect(out: Path) -> Dict[str, Any]:
         for model in exp['models']:
             model['runs'] = summaries.get(f'{recipe}/{model["label"]}', {})
             spec = _spec(model)
-            model['benchmark'] = next((r for r in rows if r['model'] == spec), None)
+            model['benchmark'] = {r['bench']: r for r in rows if r['model'] == spec}
     return plan
 
 
@@ -91,8 +91,11 @@ def cells(exp: Dict[str, Any]) -> List[Dict[str, Any]]:
             'params_x': m['params'] / budget['params'],
             'mmacs': m['macs'] / 1e6,
             'macs_x': m['macs'] / budget['macs'],
-            'images_per_s': bench.get('samples_per_sec'),
-            'throughput_x': bench.get('step_time_ms_paired_ratio') and 1 / bench['step_time_ms_paired_ratio'],
+            **{
+                f'{kind}_{key}': value
+                for kind in ('inference', 'train')
+                for key, value in _speed(bench.get(kind)).items()
+            },
             'seeds': sorted(m['runs']),
         }
         for metric in exp['metrics']:
@@ -106,6 +109,12 @@ def cells(exp: Dict[str, Any]) -> List[Dict[str, Any]]:
             row[f'{metric}_verdict'] = '(reference)' if row['reference'] else verdict(diff)
         rows.append(row)
     return rows
+
+
+def _speed(row: Optional[Dict[str, Any]]) -> Dict[str, Optional[float]]:
+    """Images/s of a benchmark row and its ratio to the reference (the median over rounds, paired)."""
+    ratio = row and row.get('step_time_ms_paired_ratio')
+    return {'images_per_s': row and row['samples_per_sec'], 'speed_x': 1 / ratio if ratio else None}
 
 
 def _f(value: Optional[float], digits: int = 2) -> str:
@@ -125,8 +134,8 @@ def markdown(name: str, exp: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
         f'`{budget["label"]}` ({budget["params"] / 1e6:.3f} M params, {budget["macs"] / 1e6:.2f} M MACs); '
         f'differences are paired by seed against `{exp["reference"]}`.',
         '',
-        f'| model | params (M) | x budget | MMACs | x budget | img/s | x ref | {metric} mean ± sd (n) | 95 % CI | '
-        f'diff to ref [95 % CI] | verdict |',
+        f'| model | params (M) | x budget | MMACs | x budget | inference img/s (x ref) | training img/s (x ref) | '
+        f'{metric} mean ± sd (n) | 95 % CI | diff to ref [95 % CI] | verdict |',
         '|---|---|---|---|---|---|---|---|---|---|---|',
     ]
     for r in rows:
@@ -139,7 +148,8 @@ def markdown(name: str, exp: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
             diff = f'{r[f"{metric}_diff_mean"]:+.2f}' + (f' [{low:+.2f}, {high:+.2f}]' if low is not None else '')
         lines.append(
             f'| `{r["model"]}` | {r["params_m"]:.3f} | {r["params_x"]:.3f} | {r["mmacs"]:.2f} | {r["macs_x"]:.3f} | '
-            f'{_f(r["images_per_s"], 0)} | {_f(r["throughput_x"], 3)} | {mean} | {ci} | {diff} | '
+            f'{_f(r["inference_images_per_s"], 0)} ({_f(r["inference_speed_x"])}) | '
+            f'{_f(r["train_images_per_s"], 0)} ({_f(r["train_speed_x"])}) | {mean} | {ci} | {diff} | '
             f'{r[f"{metric}_verdict"]} |'
         )
     for other in exp['metrics'][1:]:
@@ -164,7 +174,8 @@ def plot(name: str, exp: Dict[str, Any], rows: List[Dict[str, Any]], folder: Pat
     if not done:
         return []
     sweep = next(iter(exp['sweep']), None)
-    panels = [('mmacs', 'MMACs per image'), ('images_per_s', 'measured images/s')] + ([(sweep, sweep)] if sweep else [])
+    panels = [('mmacs', 'MMACs per image'), ('inference_images_per_s', 'measured inference images/s')]
+    panels += [(sweep, f'split count {sweep}' if sweep == 's' else sweep)] if sweep else []
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2))
     for ax, (key, xlabel) in zip(axes, panels):
         points = [r for r in done if r.get(key) is not None]
@@ -177,11 +188,11 @@ def plot(name: str, exp: Dict[str, Any], rows: List[Dict[str, Any]], folder: Pat
         if key == sweep and points:
             points.sort(key=lambda r: r[key])
             ax.plot([r[key] for r in points], [r[f'{metric}_mean'] for r in points], '-', color='C0', alpha=0.5)
-            speed = [r for r in points if r['images_per_s']]
+            speed = [r for r in points if r['inference_images_per_s']]
             if speed:
                 twin = ax.twinx()
-                twin.plot([r[key] for r in speed], [r['images_per_s'] for r in speed], 's--', color='C2')
-                twin.set_ylabel('measured images/s', color='C2')
+                twin.plot([r[key] for r in speed], [r['inference_images_per_s'] for r in speed], 's--', color='C2')
+                twin.set_ylabel('measured inference images/s', color='C2')
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f'{metric} (mean, 95 % CI)')
         ax.grid(alpha=0.3)
