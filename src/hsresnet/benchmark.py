@@ -183,7 +183,10 @@ def model_spec(text: str) -> Dict[str, Any]:
     import yaml
 
     name, brace, rest = text.partition('{')
-    kwargs = yaml.safe_load(brace + rest) if brace else {}
+    try:
+        kwargs = yaml.safe_load(brace + rest) if brace else {}
+    except yaml.YAMLError:
+        kwargs = None
     if not isinstance(kwargs, dict) or not name:
         raise SystemExit(f'hsresnet benchmark: {text!r} is not NAME or NAME{{key: value, ...}}.')
     return {'model': name.strip(), 'kwargs': kwargs}

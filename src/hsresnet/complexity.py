@@ -15,7 +15,9 @@ counts a built model, on the meta device when possible. Tests check that both ag
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import json
 import math
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -292,7 +294,24 @@ def build_timm_model(name: str, device: Union[str, torch.device] = 'meta', **kwa
 
 
 def count_timm_model(name: str, input_size: SizeArg = 224, **kwargs) -> Complexity:
-    """Params/MACs of a timm model (``hs_resnet*`` included) built on the meta device, same counter as ours."""
+    """Params/MACs of a timm model (``hs_resnet*`` included) built on the meta device, same counter as ours.
+
+    Counts of plain (JSON-able) arguments are remembered: the budget solver and study plans ask for the same ones
+    many times."""
+    try:
+        key = json.dumps([name, input_size, kwargs], sort_keys=True)
+    except TypeError:  # e.g. a norm_layer class: count every time
+        return _count_timm_model(name, input_size, **kwargs)
+    return _count_cached(key)
+
+
+@functools.lru_cache(maxsize=4096)
+def _count_cached(key: str) -> Complexity:
+    name, input_size, kwargs = json.loads(key)
+    return _count_timm_model(name, input_size if isinstance(input_size, int) else tuple(input_size), **kwargs)
+
+
+def _count_timm_model(name: str, input_size: SizeArg, **kwargs) -> Complexity:
     model = build_timm_model(name, **kwargs)
     try:
         return count_complexity(model, input_size)

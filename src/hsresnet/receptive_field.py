@@ -147,17 +147,17 @@ def erf_size(heatmap: torch.Tensor, share: float = 0.95) -> int:
 
 
 def fashion_mnist_canvas(count: int, size: int, mean: float = 0.2860, std: float = 0.3530) -> torch.Tensor:
-    """``count`` Fashion-MNIST test images, each centred on a black ``size x size`` canvas, normalised: (N, 1, S, S).
-
-    Real images for the effective fields; the canvas leaves room for fields larger than 28 px."""
+    """``count`` Fashion-MNIST test images centred on a black ``size x size`` canvas (or centre-cropped to it),
+    normalised: (N, 1, size, size). Real images for the effective fields; a canvas leaves room for fields larger
+    than the 28 px image."""
     from .classification.data import FASHION_MNIST_FILES, _find_idx, find_fashion_mnist, read_idx
 
-    images = read_idx(_find_idx(find_fashion_mnist(), FASHION_MNIST_FILES['test'][0]))[:count]
-    if size < images.shape[-1]:
-        raise ValueError(f'canvas size {size} is smaller than the 28 px images; use --size 28 or more.')
-    canvas = torch.zeros(len(images), 1, size, size)
-    top = (size - images.shape[-1]) // 2
-    canvas[:, 0, top : top + 28, top : top + 28] = torch.from_numpy(images.copy()).float() / 255
+    images = torch.from_numpy(read_idx(_find_idx(find_fashion_mnist(), FASHION_MNIST_FILES['test'][0]))[:count].copy())
+    n, side = images.shape[0], images.shape[-1]
+    canvas = torch.zeros(n, 1, size, size)
+    keep = min(size, side)
+    src, dst = (side - keep) // 2, (size - keep) // 2
+    canvas[:, 0, dst : dst + keep, dst : dst + keep] = images[:, src : src + keep, src : src + keep].float() / 255
     return (canvas - mean) / std
 
 

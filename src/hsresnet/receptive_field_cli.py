@@ -95,7 +95,7 @@ def _plot_block(maps, rows: List[Dict[str, Any]], path: Path, args: argparse.Nam
             if k >= len(groups):
                 ax.axis('off')
                 continue
-            ax.imshow(heat[k][c - crop : c + crop + 1, c - crop : c + crop + 1], cmap='magma')
+            ax.imshow(heat[k][c - crop : c + crop + 1, c - crop : c + crop + 1].numpy(), cmap='magma')
             side = sizes[k]['erf_size']
             ax.add_patch(plt.Rectangle((crop - side / 2, crop - side / 2), side, side, fill=False, ec='cyan', lw=1))
             ax.set_title(f'{kind} ${groups[k].name}$\nRF {sizes[k]["theoretical_rf"]}, ERF {side}', fontsize=8)
