@@ -1,5 +1,6 @@
 """`hsresnet benchmark`: a real (tiny) run through the CLI, its ratios, files and the budget solver."""
 
+import argparse
 import csv
 import json
 import statistics
@@ -9,64 +10,120 @@ import torch
 
 from hsresnet.benchmark import (
     _meta_model,
+    add_arguments,
     budget_width,
     count_macs,
     paired_ratio,
     peak_memory,
     plot_sweep,
     print_sweep_markdown,
+    resolve_paths,
 )
 from hsresnet.cli import main
 
 
 def test_benchmark_cli_inference_and_train(tmp_path, capsys):
+    """Three paths in one run: every model (baseline and reference included) goes through every path, each ratio
+    refers to resnet50 through the same path; training runs the torch path only."""
     out = tmp_path / 'r.json'
-    args = ['benchmark', '-m', 'hs_resnet26', '--baselines', '', '--optimized', '--onnxruntime', '-b', '2',
-            '--img-size', '32',
+    args = ['benchmark', '-m', 'hs_resnet26', '--baselines', '', '--paths', 'eager', 'optimized', 'onnxruntime',
+            '-b', '2', '--img-size', '32',
             '--warmup', '1', '--repeats', '2', '--threads', '1', '--num-classes', '10',
             '--results-file', str(out), '--csv', str(tmp_path / 'r.csv')]  # fmt: skip
     assert main(args) == 0
     data = json.loads(out.read_text())
-    rows = {(r['model'], r['bench']): r for r in data['results']}
-    assert set(rows) == {
-        ('resnet50', 'inference'), ('hs_resnet26', 'inference'), ('hs_resnet26@reference', 'inference'),
-        ('hs_resnet26@optimized', 'inference'), ('hs_resnet26@onnxruntime', 'inference'),
-        ('resnet50', 'train'), ('hs_resnet26', 'train'),
-        ('hs_resnet26@reference', 'train'),
-    }  # fmt: skip
-    base = rows['resnet50', 'inference']
-    assert base['samples_per_sec_ratio'] == pytest.approx(1.0) and base['gmac_per_sec_ratio'] == pytest.approx(1.0)
-    hs, ref = rows['hs_resnet26', 'inference'], rows['hs_resnet26@reference', 'inference']
+    rows = {(r['model'], r['path'], r['bench']): r for r in data['results']}
+    assert len(rows) == len(data['results'])  # one row per model, path and bench
+    models = ('resnet50', 'hs_resnet26', 'hs_resnet26@reference')
+    assert set(rows) == {(m, p, 'inference') for m in models for p in ('eager', 'optimized', 'onnxruntime')} | {
+        (m, 'eager', 'train') for m in models
+    }
+    assert data['meta']['paths'] == ['eager', 'optimized', 'onnxruntime']
+    for m in models:  # each path applied to each model, not to the HS model only
+        eager, opt = rows[m, 'eager', 'inference'], rows[m, 'optimized', 'inference']
+        assert eager['runtime'] not in ('OptimizedModel', 'onnxruntime.InferenceSession')
+        assert opt['runtime'] == 'OptimizedModel' and opt['batchnorm_layers'] < eager['batchnorm_layers']
+        assert rows[m, 'onnxruntime', 'inference']['runtime'] == 'onnxruntime.InferenceSession'
+        for p in ('optimized', 'onnxruntime'):  # the same arithmetic through every path
+            assert rows[m, p, 'inference']['gmacs'] == eager['gmacs']
+            assert rows[m, p, 'inference']['param_count_m'] == eager['param_count_m']
+    for p in ('eager', 'optimized', 'onnxruntime'):  # the ratio base is 1 in every path
+        base = rows['resnet50', p, 'inference']
+        assert base['samples_per_sec_ratio'] == pytest.approx(1.0) and base['gmac_per_sec_ratio'] == pytest.approx(1.0)
+        assert base['samples_per_sec_paired_ratio'] == 1.0 and base['gmac_per_sec_paired_ratio'] == 1.0
+    base = rows['resnet50', 'eager', 'inference']
+    hs, ref = rows['hs_resnet26', 'eager', 'inference'], rows['hs_resnet26@reference', 'eager', 'inference']
     assert hs['gmacs'] == pytest.approx(ref['gmacs']) and hs['param_count_m'] == ref['param_count_m']
     assert hs['gmacs'] < base['gmacs']  # a 26-layer net on a 10-class head costs less than ResNet-50
     for r in data['results']:
+        path_base = rows['resnet50', r['path'], r['bench']]
         assert r['samples_per_sec'] > 0 and r['step_time_ms'] > 0
         assert r['samples_per_sec'] == pytest.approx(r['batch_size'] / r['step_time_ms'] * 1e3)
         assert r['gmac_per_sec'] == pytest.approx(r['gmacs'] * r['samples_per_sec'])
-        assert (
-            r['peak_mem_mb_per_image'] is None
-            if r['model'].endswith('@onnxruntime')
-            else r['peak_mem_mb_per_image'] > 0
-        )
-        assert r['samples_per_sec_ratio'] == pytest.approx(
-            r['samples_per_sec'] / rows['resnet50', r['bench']]['samples_per_sec']
-        )
+        assert (r['peak_mem_mb_per_image'] is None) == (r['path'] == 'onnxruntime')
+        assert r['peak_mem_mb_per_image'] is None or r['peak_mem_mb_per_image'] > 0
+        # ratios within the path: to the ratio base through the same path, round by round
+        assert r['samples_per_sec_ratio'] == pytest.approx(r['samples_per_sec'] / path_base['samples_per_sec'])
+        per_round = [b / t for t, b in zip(r['step_times_ms'], path_base['step_times_ms'])]
+        assert r['samples_per_sec_paired_ratio'] == pytest.approx(statistics.median(per_round), rel=1e-3)
         assert len(r['step_times_ms']) == 2
         assert min(r['step_times_ms']) == pytest.approx(r['step_time_ms_min'], abs=1e-3)
         q1, q3 = r['gmac_per_sec_paired_q1'], r['gmac_per_sec_paired_q3']
         assert q1 <= r['gmac_per_sec_paired_ratio'] <= q3
     assert base['gmac_per_sec_paired_ratio'] == 1.0 and base['step_time_ms_paired_ratio'] == 1.0
     assert hs['step_time_ms_paired_q1'] <= hs['step_time_ms_paired_ratio'] <= hs['step_time_ms_paired_q3']
-    assert rows['hs_resnet26', 'train']['gmacs'] == pytest.approx(3 * hs['gmacs'])
-    assert rows['hs_resnet26@onnxruntime', 'inference']['gmacs'] == pytest.approx(hs['gmacs'])
+    assert rows['hs_resnet26', 'eager', 'train']['gmacs'] == pytest.approx(3 * hs['gmacs'])
     assert data['meta']['torch'] == torch.__version__ and data['meta']['device'] == 'cpu'
     assert data['meta']['matmul_gmac_per_sec']['float32'] > 0 and 'cpu_capability' in data['meta']
     with open(tmp_path / 'r.csv') as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(data['results']) and 'step_times_ms' not in csv_rows[0]
     assert 'gmac_per_sec_paired_ratio' in csv_rows[0]
+    assert [r['path'] for r in csv_rows] == [r['path'] for r in data['results']]
     printed = capsys.readouterr().out
     assert 'hs_resnet26@reference' in printed and 'GMAC/s x' in printed
+    table = printed[printed.index('-- images/s x resnet50 through the same path') :].splitlines()
+    assert table[1].split() == ['path', 'resnet50', 'img/s', *models]
+    assert [line.split()[0] for line in table[2:5]] == ['eager', 'optimized', 'onnxruntime']
+    assert all(line.split()[2] == '1.000' for line in table[2:5])  # resnet50's column: 1 in every path
+    assert 'note: optimized, onnxruntime: inference only, not in train' in printed
+
+
+def test_benchmark_openvino_path(tmp_path):
+    pytest.importorskip('openvino')
+    out = tmp_path / 'r.json'
+    args = ['benchmark', '-m', 'hs_resnet26', '--baselines', '', '--ratio-base', 'resnet18', '--no-reference',
+            '--paths', 'eager', 'openvino', '--bench', 'inference', '-b', '2', '--img-size', '32', '--warmup', '1',
+            '--repeats', '2', '--threads', '1', '--num-classes', '10', '--no-memory',
+            '--results-file', str(out)]  # fmt: skip
+    assert main(args) == 0
+    rows = {(r['model'], r['path']): r for r in json.loads(out.read_text())['results']}
+    assert set(rows) == {(m, p) for m in ('resnet18', 'hs_resnet26') for p in ('eager', 'openvino')}
+    for m in ('resnet18', 'hs_resnet26'):
+        assert rows[m, 'openvino']['runtime'] == 'openvino.CompiledModel' and rows[m, 'openvino']['samples_per_sec'] > 0
+        assert rows[m, 'openvino']['peak_mem_mb_per_image'] is None
+    assert rows['resnet18', 'openvino']['samples_per_sec_paired_ratio'] == 1.0
+
+
+@pytest.mark.parametrize('path', ['onnxruntime', 'openvino', 'optimized'])
+def test_benchmark_training_refuses_inference_only_paths(path):
+    with pytest.raises(SystemExit, match=f'--bench train runs the torch paths only .*; {path} is inference only'):
+        main(['benchmark', '-m', 'hs_resnet26', '--bench', 'train', '--paths', 'eager', path])
+
+
+def test_benchmark_shorthand_flags_name_paths():
+    def paths(*argv):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        return resolve_paths(parser.parse_args(list(argv)))
+
+    assert paths() == ['eager']
+    assert paths('--amp', '--channels-last') == paths('--paths', 'amp_channels_last') == ['amp_channels_last']
+    assert paths('--channels-last') == ['channels_last']
+    assert paths('--optimized', '--onnxruntime') == ['eager', 'optimized', 'onnxruntime']
+    assert paths('--torchcompile', 'max-autotune') == ['eager', 'compiled']
+    assert paths('--paths', 'onnxruntime', 'eager', '--amp') == ['onnxruntime', 'eager', 'amp']
+    assert paths('--paths', 'eager', 'optimized', '--optimized') == ['eager', 'optimized']
 
 
 def test_paired_ratio_follows_the_rounds_where_the_ratio_of_medians_mixes_them():

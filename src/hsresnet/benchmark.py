@@ -5,18 +5,23 @@ entropy, backward, SGD step), warm-up, then repeats that interleave the models (
 reporting medians. Per model: images/s, step time, peak memory per image, params, MACs per image and GMAC/s.
 The baselines (timm ``resnet50``, ``resnet50d``, ``res2net50_26w_4s``) and the deliberately plain reference HS
 block (``<model>@reference``, :mod:`hsresnet.reference`) run in the same process, so the ratios are measured,
-not claimed; ``--optimized`` adds ``<model>@optimized`` (:func:`hsresnet.optimize.optimize`, inference only).
+not claimed.
+
+Paths (``--paths``, :data:`PATHS`): how a model is run, e.g. ``eager``, ``amp_channels_last``, ``optimized``
+(:func:`hsresnet.optimize.optimize`), ``compiled``, ``onnxruntime``, ``openvino``. Every path is applied to every
+model of the run, and every ratio is taken within one path: a model through a path against the ratio base
+through the same path.
 
 Conventions (also in docs/performance.md):
 - MACs: ``torch.utils.flop_counter.FlopCounterMode`` FLOPs / 2, which counts conv and matmul/linear only (not
   norm, activation, pooling or add). Train MACs are 3x the forward
-  MACs (backward = 2x forward, the usual convention), the same for every implementation of a model.
+  MACs (backward = 2x forward, the usual convention), the same for every implementation and path of a model.
 - Peak memory: CUDA: ``torch.cuda.max_memory_allocated`` during one step, above what was allocated before it.
   CPU: the highest running total of the allocations and frees that ``torch.profiler`` (``profile_memory=True``)
   records in one step, i.e. every tensor and kernel workspace allocated through PyTorch's CPU allocator, above the
   weights (and optimizer state) allocated before it. Each step ends by freeing the gradients, so they count.
-- Paired ratio (``paired x``): each round's GMAC/s ratio to resnet50, its median over rounds and quartiles, robust
-  to a slow drift of a shared machine.
+- Paired ratio (``paired x``): each round's ratio to the ratio base through the same path, its median over rounds
+  and quartiles, robust to a slow drift of a shared machine.
 - ``--sweep``: the paper's speed ablation (RQ3): the budget-matched presets and s = 2..8 at ResNet-50's budget.
 """
 
@@ -28,10 +33,12 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
+import tempfile
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -47,6 +54,20 @@ RATIO_BASE = 'resnet50'
 SWEEP_PRESETS = {4: 'hs_resnet50_22w_4s', 5: 'hs_resnet50_18w_5s', 6: 'hs_resnet50_16w_6s', 8: 'hs_resnet50_12w_8s'}
 TRAIN_MAC_FACTOR = 3  # a training step = forward + backward; by convention 3x the forward MACs
 RATIO_KEYS = ('samples_per_sec', 'step_time_ms', 'gmac_per_sec', 'peak_mem_mb_per_image', 'param_count_m', 'gmacs')
+PAIRED_KEYS = ('samples_per_sec', 'step_time_ms', 'gmac_per_sec')  # ratios taken round by round
+TRAIN_PATHS = ('eager', 'amp', 'channels_last', 'amp_channels_last', 'compiled')  # the torch paths
+PATHS = TRAIN_PATHS + ('optimized', 'onnxruntime', 'openvino')  # the last three: inference only
+EXPORTED_PATHS = ('onnxruntime', 'openvino')  # the model exported to ONNX and run outside torch
+PATH_HELP = (
+    'eager: fp32; amp: autocast to --amp-dtype; channels_last: model and input NHWC; amp_channels_last: both; '
+    'compiled: torch.compile (mode from --torchcompile, else default); optimized: hsresnet.optimize(model) (BN '
+    'folded, channels_last, bf16 where native); onnxruntime / openvino: exported by torch.onnx (dynamo), run by '
+    'onnxruntime (on the --device) / OpenVINO (CPU), fp32, with the same threads. The last three are inference only.'
+)
+SHORTHAND_HELP = (
+    'Without --paths, --amp/--channels-last pick the path (eager, amp, channels_last, amp_channels_last); with '
+    '--paths they add it. --torchcompile adds compiled, --optimized optimized, --onnxruntime onnxruntime.'
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,23 +88,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         '--ratio-base', default=RATIO_BASE, help='the model every ratio refers to, same syntax as -m (%(default)s)'
     )
     parser.add_argument('--no-reference', action='store_true', help='skip the plain reference HS block models')
-    parser.add_argument('--optimized', action='store_true', help='add hsresnet.optimize(model) (inference only)')
     parser.add_argument(
-        '--onnxruntime',
-        action='store_true',
-        help='add <model>@onnxruntime: the model exported by torch.onnx (dynamo) and run by onnxruntime with the same '
-        'threads (inference only; the portable path)',
+        '--paths',
+        nargs='+',
+        choices=PATHS,
+        default=None,
+        metavar='PATH',
+        help=f'run every model through each of these paths ({", ".join(PATHS)}) in one interleaved run, ratios '
+        f'within each path, one paths x models table. {PATH_HELP} Default: eager. {SHORTHAND_HELP}',
     )
+    parser.add_argument('--optimized', action='store_true', help='shorthand: add the optimized path')
+    parser.add_argument('--onnxruntime', action='store_true', help='shorthand: add the onnxruntime path')
     parser.add_argument('--bench', choices=('inference', 'train', 'both'), default='both')
     parser.add_argument('-b', '--batch-size', type=int, nargs='+', default=[8], help='one or more batch sizes')
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--in-chans', type=int, default=3, help='input channels (1 for grey images)')
     parser.add_argument('--num-classes', type=int, default=1000)
-    parser.add_argument('--amp', action='store_true', help='autocast to --amp-dtype')
-    parser.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), default='bfloat16')
-    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--amp', action='store_true', help='shorthand for the amp (or amp_channels_last) path')
+    parser.add_argument('--amp-dtype', choices=('bfloat16', 'float16'), default='bfloat16', help='of the amp paths')
+    parser.add_argument('--channels-last', action='store_true', help='shorthand for the channels_last path')
     parser.add_argument(
-        '--torchcompile', nargs='?', const='default', default=None, metavar='MODE', help='torch.compile (mode)'
+        '--torchcompile',
+        nargs='?',
+        const='default',
+        default=None,
+        metavar='MODE',
+        help='shorthand: add the compiled path, with this torch.compile mode',
     )
     parser.add_argument('--device', default=None, help='default: cuda if available, else cpu')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
@@ -102,6 +132,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument('--results-file', default=None, help='write the results as JSON')
     parser.add_argument('--csv', default=None, help='write the results as CSV')
+
+
+def resolve_paths(args: argparse.Namespace) -> List[str]:
+    """The run's paths: ``--paths`` plus those the shorthand flags name (without ``--paths``: the path of
+    ``--amp``/``--channels-last``, eager by default), in order, without repeats."""
+    torch_path = {(False, False): 'eager', (True, False): 'amp', (False, True): 'channels_last'}
+    flag_path = torch_path.get((args.amp, args.channels_last), 'amp_channels_last')
+    paths = list(args.paths or [])
+    if not paths or flag_path != 'eager':
+        paths.append(flag_path)
+    paths += [p for p, on in (('compiled', args.torchcompile), ('optimized', args.optimized)) if on]
+    if args.onnxruntime:
+        paths.append('onnxruntime')
+    return list(dict.fromkeys(paths))
+
+
+def check_paths(paths: Sequence[str], args: argparse.Namespace, device: torch.device) -> None:
+    """Refuse what cannot run: an inference-only path with ``--bench train``, a missing runtime, OpenVINO off CPU."""
+    inference_only = [p for p in paths if p not in TRAIN_PATHS]
+    if args.bench == 'train' and inference_only:
+        raise SystemExit(
+            f'hsresnet benchmark: --bench train runs the torch paths only ({", ".join(TRAIN_PATHS)}); '
+            f'{", ".join(inference_only)} is inference only (exported or BN-folded). Drop it or use --bench inference.'
+        )
+    if args.sweep and len(paths) > 1:
+        raise SystemExit('hsresnet benchmark: --sweep runs one path; give one of --paths.')
+    runtimes = {'onnxruntime': ('onnxruntime', 'pip install onnxruntime onnx onnxscript'),
+                'openvino': ('openvino', 'pip install openvino onnx onnxscript')}  # fmt: skip
+    for path in set(paths) & set(EXPORTED_PATHS):
+        module, install = runtimes[path]
+        try:
+            __import__(module)
+        except ImportError as e:
+            raise SystemExit(f'hsresnet benchmark: the {path} path needs {module} ({e}); `{install}`.') from e
+    if 'openvino' in paths and device.type != 'cpu':
+        raise SystemExit('hsresnet benchmark: the openvino path runs on the CPU; use --device cpu for it.')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if min(args.batch_size) < 1 or args.img_size < 8 or args.repeats < 1 or args.iters < 1 or args.in_chans < 1:
         raise SystemExit('hsresnet benchmark: -b, --repeats, --iters and --in-chans must be >= 1, --img-size >= 8.')
+    paths = resolve_paths(args)
+    check_paths(paths, args, device)
     known = set(timm.list_models())
     if args.sweep:
         specs = sweep_specs()
@@ -137,27 +205,32 @@ def run(args: argparse.Namespace) -> int:
             spec = model_spec(n)
             if spec['model'].startswith('hs_') and not args.no_reference:
                 specs.append({'name': f'{n}@reference', **spec, 'reference': True})
-            if args.optimized:
-                specs.append({'name': f'{n}@optimized', **spec, 'optimized': True})
-            if args.onnxruntime:
-                specs.append({'name': f'{n}@onnxruntime', **spec, 'onnxruntime': True})
     unknown = sorted({s['model'] for s in specs} - known)
     if unknown:
         raise SystemExit(f'hsresnet benchmark: unknown model(s) {unknown}; see timm.list_models("hs_*").')
 
     meta = machine_info(device, args)
+    meta['paths'] = paths
     peaks = ', '.join(f'{dt} {rate}' for dt, rate in meta['matmul_gmac_per_sec'].items())
     print(f'{meta.get("gpu", meta["cpu"])}, {meta["torch_threads"]} threads; matmul peak GMAC/s: {peaks}')
+    if any(p.startswith('amp') for p in paths) and not meta['native_bf16'] and args.amp_dtype == 'bfloat16':
+        print(f'note: no native bf16 on this {device.type}: the amp paths run emulated bf16 kernels (slow)')
     rows: List[Dict[str, Any]] = []
     kinds = ('inference', 'train') if args.bench == 'both' else (args.bench,)
     if args.sweep:
         kinds = ('inference',)
     for kind in kinds:
+        kind_paths = [p for p in paths if kind == 'inference' or p in TRAIN_PATHS]
+        if len(kind_paths) < len(paths):
+            print(f'note: {", ".join(p for p in paths if p not in kind_paths)}: inference only, not in {kind}')
+        if not kind_paths:
+            continue
         batch_sizes = sorted(set(args.batch_size) | ({1} if args.sweep else set()))
         for batch in batch_sizes:
-            entries = [s for s in specs if not (kind == 'train' and (s.get('optimized') or s.get('onnxruntime')))]
-            group = bench_group(entries, kind, batch, device, args)
+            group = bench_group([(s, p) for p in kind_paths for s in specs], kind, batch, device, args)
             print_table(group)
+            if len(kind_paths) > 1:
+                print_paths_table(group, args.ratio_base)
             rows += group
             meta['load_avg_after'] = _load_avg()
             if args.results_file:  # after every group, so a long run keeps what it measured
@@ -225,7 +298,26 @@ def count_macs(model: nn.Module, img_size: int = 224, in_chans: int = 3) -> floa
     return float(count_complexity(model, img_size, in_chans).macs)
 
 
-def build(spec: Dict[str, Any], kind: str, device: torch.device, args: argparse.Namespace) -> nn.Module:
+class Built(NamedTuple):
+    """A model built through a path."""
+
+    model: nn.Module  # the eager model: parameters, MACs and the optimizer of a training step
+    run: Callable[[torch.Tensor], Any]  # runs one batch through the path
+    runtime: str  # what runs it: the module's class (a timm class, OptimizedModel, OptimizedModule) or the runtime's
+    batchnorm_layers: Optional[int]  # BatchNorm2d modules left in what runs (torch paths only)
+
+
+def build(
+    spec: Dict[str, Any],
+    path: str,
+    kind: str,
+    batch: int,
+    device: torch.device,
+    args: argparse.Namespace,
+    onnx_dir: str,
+) -> Built:
+    """``spec``'s model through ``path``, for inference or training: the one place where a path is applied. The
+    exported paths share one ONNX file per model in ``onnx_dir``."""
     import timm
 
     from .optimize import optimize
@@ -234,53 +326,105 @@ def build(spec: Dict[str, Any], kind: str, device: torch.device, args: argparse.
     model = timm.create_model(spec['model'], num_classes=args.num_classes, in_chans=args.in_chans, **spec['kwargs'])
     if spec.get('reference'):
         to_reference(model)
-    model.to(device).train(kind == 'train')
-    if spec.get('optimized'):
-        return optimize(model, compile=args.torchcompile or False)
-    if args.channels_last:
+    model.train(kind == 'train')
+    if path in EXPORTED_PATHS:
+        onnx_file = os.path.join(onnx_dir, re.sub(r'[^\w@.-]', '_', spec['name']) + f'-{batch}.onnx')
+        try:
+            runner, runtime = exported_runner(model, onnx_file, path, batch, device, args)
+        except Exception as e:  # an exporter or a runtime's graph compiler refusing the model
+            raise SystemExit(
+                f'hsresnet benchmark: {spec["name"]} cannot be built through the {path} path '
+                f'({type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}); drop the path or the model '
+                '(--no-reference drops the @reference models).'
+            ) from e
+        return Built(model, runner, runtime, None)
+    model.to(device)
+    if path in ('channels_last', 'amp_channels_last'):
         model.to(memory_format=torch.channels_last)
-    return model
+    run: nn.Module = model
+    if path == 'optimized':
+        run = optimize(model)
+    elif path == 'compiled':
+        run = torch.compile(model, mode=args.torchcompile or 'default')
+    batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in run.modules())
+    return Built(model, run, type(run).__name__, batchnorms)
+
+
+def exported_runner(
+    model: nn.Module, onnx_file: str, path: str, batch: int, device: torch.device, args: argparse.Namespace
+) -> Tuple[Callable[[torch.Tensor], Any], str]:
+    """Export ``model`` (eval, float32) to ``onnx_file`` with torch.onnx's dynamo exporter, unless it is there, and
+    load it into onnxruntime (on ``device``) or OpenVINO (CPU), fp32, with as many intra-op threads as torch uses.
+    Returns a runner of CPU batches and the runtime's name."""
+    from .classification.export import write_onnx
+
+    if not os.path.exists(onnx_file):
+        write_onnx(model.cpu().eval(), torch.randn(batch, args.in_chans, args.img_size, args.img_size), onnx_file)
+    threads = torch.get_num_threads()
+    if path == 'openvino':
+        import openvino as ov
+
+        core = ov.Core()
+        config = {'INFERENCE_NUM_THREADS': threads, 'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
+        request = core.compile_model(core.read_model(onnx_file), 'CPU', config).create_infer_request()
+        return (lambda x: request.infer({0: x.numpy()})), 'openvino.CompiledModel'
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # onnxruntime's threads otherwise spin-wait after each run and slow the next model of the round
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    provider = 'CUDAExecutionProvider' if device.type == 'cuda' else 'CPUExecutionProvider'
+    if provider not in ort.get_available_providers():
+        raise SystemExit(f'hsresnet benchmark: onnxruntime has no {provider} here; drop the onnxruntime path.')
+    session = ort.InferenceSession(onnx_file, options, providers=[provider])
+    name = session.get_inputs()[0].name
+    return (lambda x: session.run(None, {name: x.numpy()})), 'onnxruntime.InferenceSession'
 
 
 def bench_group(
-    specs: Sequence[Dict[str, Any]], kind: str, batch: int, device: torch.device, args: argparse.Namespace
+    entries: Sequence[Tuple[Dict[str, Any], str]], kind: str, batch: int, device: torch.device, args: argparse.Namespace
 ) -> List[Dict[str, Any]]:
-    """Build, warm up and time ``specs`` interleaved (the order rotates every repeat); one row per model."""
-    print(f'== {kind}, batch {batch}, {args.img_size} px, {device}: {", ".join(s["name"] for s in specs)}', flush=True)
+    """Build every (model spec, path) of ``entries``, warm up and time them interleaved (the order rotates every
+    repeat); one row per model and path, with its ratios to the ratio base through the same path."""
+    paths = ', '.join(dict.fromkeys(p for _, p in entries))
+    models = ', '.join(dict.fromkeys(s['name'] for s, _ in entries))
+    print(f'== {kind}, batch {batch}, {args.img_size} px, {device}; paths: {paths}; models: {models}', flush=True)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     steps, rows = [], []
-    for spec in specs:
-        model = build(spec, kind, device, args)
-        base = model.model if spec.get('optimized') else model
-        twin = spec.get('optimized') or spec.get('onnxruntime')
-        macs = None
-        if not twin:  # an optimized or exported twin has the same arithmetic as its eager model: filled in below
-            eval_copy = copy.deepcopy(base).float().eval()
-            macs = count_macs(eval_copy, args.img_size, args.in_chans) * (TRAIN_MAC_FACTOR if kind == 'train' else 1)
-        params = sum(p.numel() for p in base.parameters())
-        if spec.get('onnxruntime'):
-            step = onnxruntime_step(model, batch, device, args)
-        else:
-            step = make_step(model, kind, batch, device, args, compiled=bool(args.torchcompile) and not twin)
-        for _ in range(args.warmup):
-            step()
-        sync()
-        rows.append(
-            {
-                'model': spec['name'],
-                'bench': kind,
-                'batch_size': batch,
-                'img_size': args.img_size,
-                'param_count_m': round(params / 1e6, 3),
-                'gmacs': macs / 1e9 if macs is not None else None,
-                's': spec.get('s'),
-            }
-        )
-        steps.append(step)
-    times: List[List[float]] = [[] for _ in specs]
+    counts: Dict[str, Tuple[float, int]] = {}  # per model: MACs and params, the same through every path
+    with tempfile.TemporaryDirectory() as onnx_dir:  # the exported paths' ONNX files, one per model
+        for spec, path in entries:
+            built = build(spec, path, kind, batch, device, args, onnx_dir)
+            if spec['name'] not in counts:
+                macs = count_macs(copy.deepcopy(built.model).float().eval(), args.img_size, args.in_chans)
+                params = sum(p.numel() for p in built.model.parameters())
+                counts[spec['name']] = (macs * (TRAIN_MAC_FACTOR if kind == 'train' else 1), params)
+            macs, params = counts[spec['name']]
+            step = make_step(built, path, kind, batch, device, args)
+            for _ in range(args.warmup):
+                step()
+            sync()
+            rows.append(
+                {
+                    'model': spec['name'],
+                    'path': path,
+                    'bench': kind,
+                    'batch_size': batch,
+                    'img_size': args.img_size,
+                    'runtime': built.runtime,
+                    'batchnorm_layers': built.batchnorm_layers,
+                    'param_count_m': round(params / 1e6, 3),
+                    'gmacs': macs / 1e9,
+                    's': spec.get('s'),
+                }
+            )
+            steps.append(step)
+    times: List[List[float]] = [[] for _ in entries]
     for r in range(args.repeats):
-        for k in range(len(specs)):
-            i = (k + r) % len(specs)
+        for k in range(len(entries)):
+            i = (k + r) % len(entries)
             sync()
             start = time.perf_counter()
             for _ in range(args.iters):
@@ -289,26 +433,25 @@ def bench_group(
             times[i].append((time.perf_counter() - start) / args.iters)
     for i, row in enumerate(rows):
         t = statistics.median(times[i])
-        if row['gmacs'] is None:  # an optimized or exported twin: the arithmetic of its eager model
-            row['gmacs'] = next((r['gmacs'] for r in rows if r['model'] == row['model'].split('@')[0]), None)
         row.update(step_time_ms=t * 1e3, step_time_ms_min=min(times[i]) * 1e3, samples_per_sec=batch / t)
         row['gmac_per_sec'] = row['gmacs'] * batch / t if row['gmacs'] else None
-        no_peak = args.no_memory or specs[i].get('onnxruntime')  # onnxruntime's arena is not torch's allocator
+        no_peak = args.no_memory or row['path'] in EXPORTED_PATHS  # their arenas are not torch's allocator
         peak = None if no_peak else peak_memory(steps[i], device)
         row['peak_mem_mb_per_image'] = peak / batch / 2**20 if peak is not None else None
     ratio_base = RATIO_BASE if args.sweep else args.ratio_base
-    base_index = next((i for i, r in enumerate(rows) if r['model'] == ratio_base), None)
-    base = rows[base_index] if base_index is not None else None
     for i, row in enumerate(rows):
+        b = next((j for j, r in enumerate(rows) if r['model'] == ratio_base and r['path'] == row['path']), None)
+        base = rows[b] if b is not None else None
         for key in RATIO_KEYS:
             ok = base is not None and row.get(key) is not None and base.get(key)
             row[f'{key}_ratio'] = row[key] / base[key] if ok else None
         row['step_times_ms'] = [round(t * 1e3, 3) for t in times[i]]
-        paired: Dict[str, Tuple[Optional[float], ...]] = {'step_time_ms': (None,) * 3, 'gmac_per_sec': (None,) * 3}
-        if base is not None:
-            paired['step_time_ms'] = paired_ratio(times[i], times[base_index])
+        paired: Dict[str, Tuple[Optional[float], ...]] = {k: (None,) * 3 for k in PAIRED_KEYS}
+        if b is not None:
+            paired['samples_per_sec'] = paired_ratio(times[i], times[b], 1.0)
+            paired['step_time_ms'] = paired_ratio(times[i], times[b])
             if row['gmacs'] and base['gmacs']:
-                paired['gmac_per_sec'] = paired_ratio(times[i], times[base_index], row['gmacs'] / base['gmacs'])
+                paired['gmac_per_sec'] = paired_ratio(times[i], times[b], row['gmacs'] / base['gmacs'])
         for key, values in paired.items():
             row.update(zip((f'{key}_paired_ratio', f'{key}_paired_q1', f'{key}_paired_q3'), values))
     return rows
@@ -333,14 +476,15 @@ def paired_ratio(
 
 
 def make_step(
-    model: nn.Module, kind: str, batch: int, device: torch.device, args: argparse.Namespace, compiled: bool
+    built: Built, path: str, kind: str, batch: int, device: torch.device, args: argparse.Namespace
 ) -> Callable[[], None]:
-    """One inference or training step on a fixed random batch (as timm's benchmark does)."""
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    x = torch.randn(batch, args.in_chans, args.img_size, args.img_size, device=device).contiguous(memory_format=fmt)
-    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if args.amp else nullcontext
-    run_model = torch.compile(model, mode=args.torchcompile) if compiled else model
+    """One inference or training step through ``path`` on a fixed random batch (as timm's benchmark does)."""
+    fmt = torch.channels_last if path in ('channels_last', 'amp_channels_last') else torch.contiguous_format
+    x_device = torch.device('cpu') if path in EXPORTED_PATHS else device
+    x = torch.randn(batch, args.in_chans, args.img_size, args.img_size, device=x_device).contiguous(memory_format=fmt)
+    amp, amp_dtype = path.startswith('amp'), torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp else nullcontext
+    run_model = built.run
     if kind == 'inference':
 
         def step() -> None:
@@ -349,8 +493,8 @@ def make_step(
 
         return step
     target = torch.randint(0, args.num_classes, (batch,), device=device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and amp_dtype == torch.float16)
+    optimizer = torch.optim.SGD(built.model.parameters(), lr=1e-4, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
 
     def train_step() -> None:
         with autocast():
@@ -361,38 +505,6 @@ def make_step(
         optimizer.zero_grad(set_to_none=True)  # at the end: each step (and its memory profile) starts without grads
 
     return train_step
-
-
-def onnxruntime_step(
-    model: nn.Module, batch: int, device: torch.device, args: argparse.Namespace
-) -> Callable[[], None]:
-    """Export ``model`` (eval, float32) with torch.onnx's dynamo exporter into a temporary file and return one
-    onnxruntime inference step on a fixed random batch, with as many intra-op threads as torch uses."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    from .classification.export import write_onnx
-
-    x = torch.randn(batch, args.in_chans, args.img_size, args.img_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, 'model.onnx')
-        write_onnx(model.cpu().eval(), x, path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # onnxruntime's threads otherwise spin-wait after each run and slow the next model of the round
-        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
-        provider = 'CUDAExecutionProvider' if device.type == 'cuda' else 'CPUExecutionProvider'
-        if provider not in ort.get_available_providers():
-            raise SystemExit(f'hsresnet benchmark: onnxruntime has no {provider} here; drop --onnxruntime.')
-        session = ort.InferenceSession(path, options, providers=[provider])
-    feed = {session.get_inputs()[0].name: x.numpy()}
-
-    def step() -> None:
-        session.run(None, feed)
-
-    return step
 
 
 def peak_memory(step: Callable[[], None], device: torch.device) -> Optional[float]:
@@ -528,10 +640,12 @@ def _fmt_paired(row: Dict[str, Any], key: str = 'gmac_per_sec', digits: int = 3)
 
 
 def print_table(rows: List[Dict[str, Any]]) -> None:
-    """One line per model: absolute figures, then the ratios to resnet50 (x); ``paired x`` is the median over rounds of
-    the GMAC/s ratio within each round, with its quartiles (:func:`paired_ratio`)."""
+    """One line per model and path: absolute figures, then the ratios to the ratio base through the same path (x);
+    ``paired x`` is the median over rounds of the GMAC/s ratio within each round, with its quartiles
+    (:func:`paired_ratio`)."""
     head = (
         'model',
+        'path',
         'bench',
         'b',
         'img/s',
@@ -550,6 +664,7 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
         lines.append(
             (
                 r['model'],
+                r['path'],
                 r['bench'],
                 str(r['batch_size']),
                 _fmt(r['samples_per_sec']),
@@ -566,7 +681,27 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
-        print('  '.join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        print('  '.join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+
+
+def print_paths_table(rows: List[Dict[str, Any]], base: str) -> None:
+    """Paths as rows, models as columns: each cell is the model's images/s over ``base``'s through the same path (the
+    paired median over the rounds, quartiles in brackets); the second column is ``base``'s images/s per path."""
+    paths = list(dict.fromkeys(r['path'] for r in rows))
+    models = list(dict.fromkeys(r['model'] for r in rows))
+    cells = {(r['path'], r['model']): r for r in rows}
+    print(f'-- images/s x {base} through the same path (paired median, IQR), {rows[0]["bench"]}, batch '
+          f'{rows[0]["batch_size"]}:')  # fmt: skip
+    lines = [['path', f'{base} img/s'] + models]
+    for path in paths:
+        base_row = cells.get((path, base))
+        line = [path, _fmt(base_row['samples_per_sec'] if base_row else None)]
+        lines.append(
+            line + [_fmt_paired(cells[path, m], 'samples_per_sec') if (path, m) in cells else '-' for m in models]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for line in lines:
+        print('  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
 
 
 def _sweep_points(rows: List[Dict[str, Any]], specs: Sequence[Dict[str, Any]], batch: int) -> List[Dict[str, Any]]:
