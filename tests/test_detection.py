@@ -418,24 +418,16 @@ def test_detect_train_eval_predict_resume(tmp_path, capsys):
     assert metrics['images'] == 4 and 0 <= metrics['segm_AP'] <= 1 and 'bbox_AP50' in metrics
 
     pred = tmp_path / 'pred'
-    assert (
-        main(
-            [
-                'detect',
-                'predict',
-                '--checkpoint',
-                str(run / 'model.safetensors'),
-                str(NUCLEI / 'val'),
-                '--output',
-                str(pred),
-                '--score-thresh',
-                '0.0',
-            ]
-        )
-        == 0
-    )
-    records = json.loads((pred / 'predictions.json').read_text())
-    assert len(records) == 4
+    broken = tmp_path / 'broken.png'
+    broken.write_bytes(b'\x89PNG\r\n\x1a\n truncated')  # an unreadable file among the inputs is skipped, listed
+    args = ['detect', 'predict', '--checkpoint', str(run / 'model.safetensors'), str(NUCLEI / 'val'), str(broken)]
+    assert main([*args, '--output', str(pred), '--score-thresh', '0.0']) == 0
+    result = json.loads((pred / 'predictions.json').read_text())
+    records = result['images']
+    assert len(records) == 4 and result['classes'] == ['nucleus']
+    assert [s['path'] for s in result['skipped']] == [str(broken)] and 'not a readable image' in result['skipped'][0][
+        'reason'
+    ]
     for rec in records:
         overlay = Image.open(rec['overlay'])
         assert (rec['width'], rec['height']) == (64, 64) and overlay.mode == 'RGB'

@@ -156,10 +156,16 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
     (tmp_path / 'foreign.safetensors').write_bytes(b'PK\x03\x04 not a checkpoint at all' * 10)
     with pytest.raises(CheckpointError):
         load_weights(tmp_path / 'foreign.safetensors')
-    # a pair mixed from two saves is detected
-    save_weights(tmp_path / 'last.safetensors', model.state_dict(), {'token': 'other'})
-    with pytest.raises(CheckpointError):
-        load_checkpoint(tmp_path / 'last')
+    # killed between the two renames: the weights file is from another save, the state alone still resumes
+    other_weights = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    save_weights(tmp_path / 'last.safetensors', other_weights, {'model': 'toy'})
+    weights, loaded, _ = load_checkpoint(tmp_path / 'last')
+    assert loaded['epoch'] == 3 and all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    # NaN weights (a diverged run) are refused by name
+    nan_weights = {k: torch.full_like(v, float('nan')) for k, v in model.state_dict().items()}
+    save_weights(tmp_path / 'nan.safetensors', nan_weights, {})
+    with pytest.raises(CheckpointError, match='NaN or infinite values'):
+        load_weights(tmp_path / 'nan.safetensors')
     with pytest.raises(CheckpointError, match='does not exist'):
         load_checkpoint(tmp_path / 'missing')
 
@@ -195,7 +201,7 @@ def test_bad_resume_changes_nothing(tmp_path):
     run = Path(cfg.output)
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir() if p.is_file()}
 
-    with pytest.raises(ValueError, match='already holds a checkpoint'):
+    with pytest.raises(ValueError, match='already holds a training run: pass --resume'):
         fit(ToyTask(cfg), make_cfg(tmp_path, '--epochs', '2'))
     state = run / 'last.state.pt'
     state_bytes = state.read_bytes()

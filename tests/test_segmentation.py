@@ -264,10 +264,13 @@ def test_segment_cli_train_eval_predict(tmp_path, capsys):
     assert evaluated['images'] == 2 and evaluated['miou'] == pytest.approx(summary['miou'], abs=1e-6)
 
     out = tmp_path / 'pred'
+    broken = tmp_path / 'broken.tif'
+    broken.write_bytes(b'II*\x00 not a tiff')  # unreadable: skipped and listed, the others are segmented
     assert main(['segment', 'predict', '--checkpoint', str(run / 'model.safetensors'), str(data / 'val' / 'images'),
-                 str(data / 'train' / 'images' / 'train0.png'), '--output', str(out)]) == 0  # fmt: skip
+                 str(data / 'train' / 'images' / 'train0.png'), str(broken), '--output', str(out)]) == 0  # fmt: skip
     result = __import__('json').loads((out / 'predictions.json').read_text())
     assert result['classes'] == ['background', 'blob'] and len(result['images']) == 3
+    assert [s['path'] for s in result['skipped']] == [str(broken)]
     for record in result['images']:
         assert sum(record['class_fractions'].values()) == pytest.approx(1.0, abs=1e-4)
         with Image.open(record['overlay']) as overlay, Image.open(record['mask']) as mask:

@@ -1,13 +1,16 @@
 """The ``hsresnet`` command line: one entry point, one module per subcommand.
 
 Each subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``; they are imported only when
-their command runs, so ``hsresnet --help`` stays fast.
+their command runs, so ``hsresnet --help`` stays fast. A command reports a problem of the user's making (a bad value,
+a missing or unreadable file, a full disk) by raising; ``main`` prints it as one sentence, ``hsresnet <command>:
+error: ...``, and exits with 2 (130 when interrupted), instead of a traceback (``HSRESNET_TRACEBACK=1`` shows it).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -51,7 +54,38 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog=f'hsresnet {name}', description=module.__doc__ or help_text)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    prog = ' '.join(['hsresnet', name] + ([args.action] if isinstance(getattr(args, 'action', None), str) else []))
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt as err:
+        print(f'{prog}: {err or "interrupted"}', file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if os.environ.get('HSRESNET_TRACEBACK'):  # for bug reports: the full traceback instead of the sentence
+            raise
+        print(f'{prog}: error: {user_message(err)}', file=sys.stderr)
+        return 2
+
+
+# what a user's input can cause: bad values (ValueError, the checkpoint/output/study errors derive from it), missing
+# or unwritable files (OSError), a diverged run (FloatingPointError), a missing optional package (ImportError)
+USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
+
+
+def user_message(err: BaseException) -> str:
+    """The error in one message: a file-system error in words; an error raised in a data-loader worker without the
+    wrapper and worker traceback torch adds when it re-raises it; a missing package with the install command."""
+    text = str(err)
+    marker = f'\n{type(err).__name__}: '
+    if 'in DataLoader worker process' in text and marker in text:
+        text = text[text.rindex(marker) + len(marker) :].strip()
+    elif isinstance(err, OSError) and err.errno is not None:
+        from .engine.outputs import describe_os_error
+
+        text = describe_os_error(err)
+    elif isinstance(err, ImportError) and err.name:
+        text = f"{text} (install the optional dependencies: pip install 'hsresnet[all]')"
+    return text
 
 
 if __name__ == '__main__':

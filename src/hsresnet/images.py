@@ -1,11 +1,24 @@
-"""Image inputs shared by the ``predict`` commands of the dense-prediction tasks."""
+"""Image files shared by the tasks: finding them, checking that they open, skipping those that do not."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Iterable, List
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
+
+
+def check_image(path: Path) -> Optional[str]:
+    """None when ``path`` opens as an image, else the reason (PIL's header check, without decoding the pixels)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return None
+    except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
+        return f'{type(err).__name__}: {err}'
 
 
 def find_images(inputs: Iterable[str | Path]) -> List[Path]:
@@ -22,3 +35,16 @@ def find_images(inputs: Iterable[str | Path]) -> List[Path]:
     if not found:
         raise ValueError(f'no images ({", ".join(IMAGE_SUFFIXES)}) in {[str(i) for i in inputs]}.')
     return found
+
+
+def readable(
+    paths: Iterable[Path], load: Callable[[Path], Any], skipped: List[Dict[str, str]], prog: str
+) -> Iterator[Tuple[Path, Any]]:
+    """``(path, load(path))`` for every file ``load`` can read; the others are appended to ``skipped`` with the reason
+    and reported on stderr, so one unreadable file never stops a prediction run."""
+    for path in paths:
+        try:
+            yield path, load(path)
+        except (OSError, ValueError, SyntaxError) as err:
+            skipped.append({'path': str(path), 'reason': str(err)})
+            print(f'{prog}: skipped {path}: {err}', file=sys.stderr)

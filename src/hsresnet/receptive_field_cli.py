@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -177,28 +176,23 @@ def _plot_network(results: Dict[str, Any], path: Path, args: argparse.Namespace)
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        if args.size < 3 or args.size % 2 == 0:
-            raise ValueError(f'--size {args.size}: give an odd size >= 3, so the output has a centre pixel.')
-        if not 0 < args.share < 1:
-            raise ValueError(f'--share {args.share}: give a fraction between 0 and 1, e.g. 0.95.')
-        out = Path(args.output)
-        if args.action == 'block':
-            result = run_block(args)
-            rows = result['rows']
-        else:
-            result = run_network(args)
-            rows = [
-                {'model': m, 'stage': stage, 'erf_size': v}
-                for m, r in result['models'].items()
-                for stage, values in r['stages'].items()
-                for v in values
-            ]
-            write_csv(out / 'network_erf_summary.csv', result['summary'])
-            rows = rows or []
-    except (ValueError, FileNotFoundError) as err:
-        print(f'hsresnet receptive-field {args.action}: error: {err}', file=sys.stderr)
-        return 2
+    if args.size < 3 or args.size % 2 == 0:
+        raise ValueError(f'--size {args.size}: give an odd size >= 3, so the output has a centre pixel.')
+    if not 0 < args.share < 1:
+        raise ValueError(f'--share {args.share}: give a fraction between 0 and 1, e.g. 0.95.')
+    out = Path(args.output)
+    if args.action == 'block':
+        result = run_block(args)
+        rows = result['rows']
+    else:
+        result = run_network(args)
+        rows = [
+            {'model': m, 'stage': stage, 'erf_size': v}
+            for m, r in result['models'].items()
+            for stage, values in r['stages'].items()
+            for v in values
+        ]
+        write_csv(out / 'network_erf_summary.csv', result['summary'])
     write_json(out / f'{args.action}_erf.json', result)
     write_csv(out / f'{args.action}_erf.csv', rows)
     for row in result.get('summary', rows if args.action == 'block' else []):

@@ -17,8 +17,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
+
+from ..images import check_image
 
 _log = logging.getLogger('hsresnet')
 
@@ -157,16 +159,6 @@ def to_mode(img: Image.Image, in_chans: int) -> Image.Image:
         background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert('L' if in_chans == 1 else 'RGB')
-
-
-def check_image(path: Path) -> Optional[str]:
-    """None when ``path`` opens as an image, else the reason."""
-    try:
-        with Image.open(path) as img:
-            img.verify()
-        return None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        return f'{type(err).__name__}: {err}'
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Export a trained classifier to safetensors, TorchScript and ONNX; each export is checked on the way out.
 
-TorchScript is compared with the eager model; ONNX is run with onnxruntime and compared with the eager model (a
-mismatch is an error, no silent bad file). ``export.json`` records the classes and the preprocessing.
+TorchScript is compared with the eager model; ONNX is run with onnxruntime and compared with the eager model. Every
+file is written and checked in a staging folder and moved into --output only when all checks pass, so a mismatch
+leaves no unverified file where a good one is expected. ``export.json`` records the classes and the preprocessing.
+--output must be new, empty or (with --overwrite) an earlier export; a training run folder is never written into.
 ``--optimize`` makes the TorchScript file from :func:`hsresnet.optimize.optimize` instead: BN folded into the convs,
 channels_last, and bf16 where this machine has native bf16. ONNX stays float32 NCHW, the portable form (the exporter
 folds BN itself; runtimes pick their own precision and layout).
@@ -11,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
 
-from ..engine import CheckpointError, save_weights, write_json
+from ..engine import save_weights, write_json
+from ..engine.config import POSITIVE, POSITIVE_INT
+from ..engine.outputs import EXPORT_RECORD, claim_export_folder
 from .task import load_classifier
 
 FORMATS = ('safetensors', 'torchscript', 'onnx')
@@ -28,9 +33,10 @@ BF16_ATOL = 5e-2  # bf16 keeps 8 bits of mantissa: logits move by about 1 % of t
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('checkpoint', help='a .safetensors checkpoint from `hsresnet train`, or its run directory.')
     parser.add_argument('--output', required=True, help='folder for model.safetensors, model.ts and model.onnx.')
+    parser.add_argument('--overwrite', action='store_true', help='replace an earlier export in --output.')
     parser.add_argument('--formats', nargs='+', default=list(FORMATS), choices=FORMATS, help='what to export.')
-    parser.add_argument('--opset', type=int, default=18, help='ONNX opset.')
-    parser.add_argument('--atol', type=float, default=1e-4, help='tolerance of the output checks (x max |logit|).')
+    parser.add_argument('--opset', type=POSITIVE_INT, default=18, help='ONNX opset.')
+    parser.add_argument('--atol', type=POSITIVE, default=1e-4, help='tolerance of the output checks (x max |logit|).')
     parser.add_argument(
         '--optimize',
         action='store_true',
@@ -42,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(name: str, expected: torch.Tensor, got: torch.Tensor, atol: float) -> float:
     err = float((expected - got).abs().max())
     tol = atol * max(1.0, float(expected.abs().max()))
-    if err > tol:
+    if not err <= tol:  # NaN fails too
         raise ValueError(f'{name} export differs from the PyTorch model by {err:.3g} (> {tol:.3g}); not trusted.')
     return err
 
@@ -50,11 +56,27 @@ def _check(name: str, expected: torch.Tensor, got: torch.Tensor, atol: float) ->
 def export(args: argparse.Namespace) -> Dict[str, Any]:
     model, meta = load_classifier(args.checkpoint)
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_export_folder(out, args.overwrite)
     c, s = int(meta.get('in_chans', 3)), int(meta.get('img_size', 224))
     example = torch.randn(2, c, s, s, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(example)
+    if not bool(torch.isfinite(expected).all()):
+        raise ValueError(f'{meta["checkpoint"]} gives NaN or infinite outputs; there is nothing sound to export.')
+    with tempfile.TemporaryDirectory(prefix='.export-', dir=out) as tmp:
+        report = _export_into(Path(tmp), model, meta, example, expected, args)
+        for name in report['files'].values():  # all checked: move them in, export.json last
+            os.replace(Path(tmp) / name, out / name)
+    report['files'] = {fmt: str(out / name) for fmt, name in report['files'].items()}
+    write_json(out / EXPORT_RECORD, report)
+    return report
+
+
+def _export_into(
+    folder: Path, model: torch.nn.Module, meta: Dict[str, Any], example: torch.Tensor, expected: torch.Tensor, args
+) -> Dict[str, Any]:
+    """Write and check every format in ``folder``; the report names the files relative to it."""
+    c, s = example.shape[1], example.shape[2]
     report: Dict[str, Any] = {'model': meta['model'], 'input_shape': [-1, c, s, s], 'files': {}, 'max_abs_err': {}}
     script_model, script_atol = model, args.atol
     if args.optimize:
@@ -65,27 +87,26 @@ def export(args: argparse.Namespace) -> Dict[str, Any]:
         if script_model.dtype == torch.bfloat16:
             script_atol = max(args.atol, BF16_ATOL)
     if 'safetensors' in args.formats:
-        keep = {k: v for k, v in meta.items() if not k.startswith('_') and k not in ('token', 'checkpoint')}
-        report['files']['safetensors'] = str(save_weights(out / 'model.safetensors', model.state_dict(), keep))
+        keep = {k: v for k, v in meta.items() if not k.startswith('_') and k != 'checkpoint'}
+        save_weights(folder / 'model.safetensors', model.state_dict(), keep)
+        report['files']['safetensors'] = 'model.safetensors'
     if 'torchscript' in args.formats:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter('ignore')  # jit deprecation and the input-check TracerWarning: checked below
             traced = torch.jit.trace(script_model, example[:1], check_trace=False)
-        path = out / 'model.ts'
-        traced.save(str(path))
+        traced.save(str(folder / 'model.ts'))
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            loaded = torch.jit.load(str(path))
+            loaded = torch.jit.load(str(folder / 'model.ts'))
         with torch.no_grad():
             got = loaded(example)
         report['max_abs_err']['torchscript'] = _check('TorchScript', expected, got, script_atol)
-        report['files']['torchscript'] = str(path)
+        report['files']['torchscript'] = 'model.ts'
     if 'onnx' in args.formats:
-        report['max_abs_err']['onnx'] = export_onnx(model, example, expected, out / 'model.onnx', args)
-        report['files']['onnx'] = str(out / 'model.onnx')
+        report['max_abs_err']['onnx'] = export_onnx(model, example, expected, folder / 'model.onnx', args)
+        report['files']['onnx'] = 'model.onnx'
     report['preprocessing'] = {k: meta.get(k) for k in ('img_size', 'mean', 'std', 'crop_pct', 'interpolation')}
     report['classes'] = meta.get('classes')
-    write_json(out / 'export.json', report)
     return report
 
 
@@ -117,10 +138,6 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, expected: torch.T
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        report = export(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        print(f'hsresnet export: error: {err}', file=sys.stderr)
-        return 2
+    report = export(args)
     print(json.dumps({k: v for k, v in report.items() if k != 'classes'}, indent=2))
     return 0

@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from ..engine import CheckpointError, write_json
+from ..engine import write_json
+from ..engine.config import POSITIVE_INT
 from ..engine.distributed import resolve_device
 from .data import check_image, to_mode
 from .task import load_classifier
@@ -23,8 +24,8 @@ from .task import load_classifier
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('inputs', nargs='+', help='image files and/or folders.')
     parser.add_argument('--checkpoint', required=True, help='a .safetensors checkpoint or a run directory.')
-    parser.add_argument('--topk', type=int, default=5, help='how many classes per image.')
-    parser.add_argument('-b', '--batch-size', type=int, default=64, help='images per forward pass.')
+    parser.add_argument('--topk', type=POSITIVE_INT, default=5, help='how many classes per image.')
+    parser.add_argument('-b', '--batch-size', type=POSITIVE_INT, default=64, help='images per forward pass.')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'.")
     parser.add_argument('--output', default=None, help='write the JSON here instead of printing it.')
 
@@ -95,11 +96,7 @@ def predict(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = predict(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        print(f'hsresnet predict: error: {err}', file=sys.stderr)
-        return 2
+    result = predict(args)
     if args.output:
         write_json(args.output, result)
     else:

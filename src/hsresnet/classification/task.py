@@ -13,6 +13,16 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..complexity import count_complexity
 from ..engine import DistInfo, make_loader, parse_kwargs
+from ..engine.config import (
+    BELOW_ONE,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    PROBABILITY,
+    float_in,
+    int_at_least,
+)
 from .data import (
     ArrayTransform,
     FashionMNIST,
@@ -37,10 +47,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar='K=V',
         help='extra model constructor arguments, values as YAML, e.g. --model-kwargs w=16 s=4 channels=[16,32,64,128]',
     )
-    group.add_argument('--num-classes', type=int, default=None, help='classes (default: from the dataset).')
-    group.add_argument('--in-chans', type=int, default=None, help='input channels (default: 1 Fashion-MNIST, else 3).')
-    group.add_argument('--drop', type=float, default=0.0, help='dropout before the classifier.')
-    group.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate.')
+    group.add_argument('--num-classes', type=POSITIVE_INT, default=None, help='classes (default: from the dataset).')
+    group.add_argument(
+        '--in-chans', type=POSITIVE_INT, default=None, help='input channels (default: 1 Fashion-MNIST, else 3).'
+    )
+    group.add_argument('--drop', type=BELOW_ONE, default=0.0, help='dropout before the classifier.')
+    group.add_argument('--drop-path', type=BELOW_ONE, default=None, help='stochastic depth rate.')
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, training: bool = True) -> None:
@@ -55,30 +67,56 @@ def add_data_arguments(parser: argparse.ArgumentParser, training: bool = True) -
         '--dataset', default='auto', choices=['auto', 'fashion_mnist', 'folder'], help='dataset kind (auto-detected).'
     )
     group.add_argument('--val-split', default='val', help='image-folder validation sub-folder (Fashion-MNIST: test).')
-    group.add_argument('--img-size', type=int, default=None, help='input size (default: 28 Fashion-MNIST, else model).')
-    group.add_argument('--crop-pct', type=float, default=None, help='eval centre-crop fraction (default: model).')
+    group.add_argument(
+        '--img-size', type=int_at_least(8), default=None, help='input size (default: 28 Fashion-MNIST, else model).'
+    )
+    group.add_argument(
+        '--crop-pct',
+        type=float_in(0, 1, low_open=True),
+        default=None,
+        help='eval centre-crop fraction (default: model).',
+    )
     group.add_argument('--interpolation', default='bilinear', help='resize interpolation.')
-    group.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean (default: dataset).')
-    group.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std (default: dataset).')
-    group.add_argument('--val-subset', type=int, default=None, help='use a fixed random subset of N val images.')
+    group.add_argument(
+        '--mean', type=float_in(), nargs='+', default=None, help='normalisation mean (default: dataset).'
+    )
+    group.add_argument('--std', type=POSITIVE, nargs='+', default=None, help='normalisation std (default: dataset).')
+    group.add_argument(
+        '--val-subset', type=POSITIVE_INT, default=None, help='use a fixed random subset of N val images.'
+    )
     if training:
-        group.add_argument('--train-subset', type=int, default=None, help='use a fixed random subset of N images.')
+        group.add_argument(
+            '--train-subset', type=POSITIVE_INT, default=None, help='use a fixed random subset of N images.'
+        )
         group.add_argument('--no-verify', action='store_true', help='skip the up-front image check of image folders.')
         aug = parser.add_argument_group('augmentation and regularisation (timm)')
-        aug.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], help='RandomResizedCrop area range.')
-        aug.add_argument('--ratio', type=float, nargs=2, default=[3 / 4, 4 / 3], help='RandomResizedCrop aspect range.')
-        aug.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability.')
-        aug.add_argument('--vflip', type=float, default=0.0, help='vertical flip probability.')
-        aug.add_argument('--color-jitter', type=float, default=0.4, help='colour jitter strength (0 = off).')
-        aug.add_argument('--aa', default=None, help="timm AutoAugment/RandAugment policy, e.g. 'rand-m9-mstd0.5'.")
-        aug.add_argument('--reprob', type=float, default=0.0, help='random erasing probability.')
-        aug.add_argument('--smoothing', type=float, default=0.1, help='label smoothing.')
-        aug.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (0 = off).')
-        aug.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (0 = off).')
-        aug.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup/cutmix per batch.')
-        aug.add_argument('--mixup-switch-prob', type=float, default=0.5, help='cutmix instead of mixup probability.')
         aug.add_argument(
-            '--mixup-off-epoch', type=int, default=0, help='turn mixup/cutmix off from this epoch (0: never).'
+            '--scale',
+            type=float_in(0, 1, low_open=True),
+            nargs=2,
+            default=[0.08, 1.0],
+            help='RandomResizedCrop area range.',
+        )
+        aug.add_argument(
+            '--ratio', type=POSITIVE, nargs=2, default=[3 / 4, 4 / 3], help='RandomResizedCrop aspect range.'
+        )
+        aug.add_argument('--hflip', type=PROBABILITY, default=0.5, help='horizontal flip probability.')
+        aug.add_argument('--vflip', type=PROBABILITY, default=0.0, help='vertical flip probability.')
+        aug.add_argument('--color-jitter', type=NON_NEGATIVE, default=0.4, help='colour jitter strength (0 = off).')
+        aug.add_argument('--aa', default=None, help="timm AutoAugment/RandAugment policy, e.g. 'rand-m9-mstd0.5'.")
+        aug.add_argument('--reprob', type=PROBABILITY, default=0.0, help='random erasing probability.')
+        aug.add_argument('--smoothing', type=BELOW_ONE, default=0.1, help='label smoothing.')
+        aug.add_argument('--mixup', type=NON_NEGATIVE, default=0.0, help='mixup alpha (0 = off).')
+        aug.add_argument('--cutmix', type=NON_NEGATIVE, default=0.0, help='cutmix alpha (0 = off).')
+        aug.add_argument('--mixup-prob', type=PROBABILITY, default=1.0, help='probability of mixup/cutmix per batch.')
+        aug.add_argument(
+            '--mixup-switch-prob', type=PROBABILITY, default=0.5, help='cutmix instead of mixup probability.'
+        )
+        aug.add_argument(
+            '--mixup-off-epoch',
+            type=NON_NEGATIVE_INT,
+            default=0,
+            help='turn mixup/cutmix off from this epoch (0: never).',
         )
 
 
@@ -130,12 +168,15 @@ def model_data_config(model_name: str) -> Dict[str, Any]:
     return {'input_size': cfg.input_size, 'crop_pct': cfg.crop_pct, 'mean': cfg.mean, 'std': cfg.std}
 
 
-def _per_channel(values: Tuple[float, ...], in_chans: int) -> Tuple[float, ...]:
+def _per_channel(values: Tuple[float, ...], in_chans: int, flag: str) -> Tuple[float, ...]:
+    """One value per input channel: ``in_chans`` values, or one for all."""
     if len(values) == in_chans:
         return tuple(values)
     if len(values) == 1:
         return tuple(values) * in_chans
-    return (sum(values) / len(values),) * in_chans if in_chans == 1 else tuple(values[:in_chans])
+    raise ValueError(
+        f'{flag} has {len(values)} values for {in_chans}-channel input: give {in_chans} values, or one for all.'
+    )
 
 
 def build_model(
@@ -169,12 +210,18 @@ class ClassificationTask:
         self.cfg, self.log = cfg, log
         self.kind = resolve_data(cfg)
         if self.kind == 'fashion_mnist':
+            if cfg.in_chans not in (None, 1):
+                raise ValueError(
+                    f'--in-chans {cfg.in_chans}: Fashion-MNIST images have one (grey) channel; leave --in-chans out.'
+                )
             in_chans = cfg.in_chans or 1
             img_size = cfg.img_size or 28
             mean, std, crop_pct = FASHION_MNIST_MEAN, FASHION_MNIST_STD, 1.0
             self.classes: List[str] = list(FashionMNIST.classes)
         else:
             dcfg = model_data_config(cfg.model)
+            if cfg.in_chans not in (None, 1, 3):
+                raise ValueError(f'--in-chans {cfg.in_chans}: image folders are read as grey (1) or RGB (3) images.')
             in_chans = cfg.in_chans or 3
             img_size = cfg.img_size or dcfg['input_size'][-1]
             mean, std, crop_pct = dcfg['mean'], dcfg['std'], dcfg['crop_pct']
@@ -191,8 +238,8 @@ class ClassificationTask:
             if not training:
                 self.classes = self.val_split.classes
         self.in_chans, self.img_size = in_chans, img_size
-        self.mean = _per_channel(tuple(cfg.mean or mean), in_chans)
-        self.std = _per_channel(tuple(cfg.std or std), in_chans)
+        self.mean = _per_channel(tuple(cfg.mean or mean), in_chans, '--mean')
+        self.std = _per_channel(tuple(cfg.std or std), in_chans, '--std')
         self.crop_pct = cfg.crop_pct or crop_pct
         self.num_classes = cfg.num_classes or len(self.classes)
         if self.num_classes < len(self.classes):

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from ..engine import (
-    CheckpointError,
     add_config_argument,
     add_engine_arguments,
     fit,
@@ -20,8 +18,6 @@ from ..engine import (
     track_explicit_flags,
 )
 from .task import ClassificationTask, add_data_arguments, add_model_arguments
-
-USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, FloatingPointError)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,16 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = resolve_config(args, getattr(args, '_parser', None))
-        from ..engine.distributed import init_distributed
+    from ..engine.distributed import init_distributed
 
-        info = init_distributed(cfg.device)
-        task = ClassificationTask(cfg, log=print if info.is_main else (lambda _msg: None))
-        summary = fit(task, cfg)
-    except USER_ERRORS as err:
-        print(f'hsresnet train: error: {err}', file=sys.stderr)
-        return 2
+    cfg = resolve_config(args, getattr(args, '_parser', None))
+    info = init_distributed(cfg.device)
+    task = ClassificationTask(cfg, log=print if info.is_main else (lambda _msg: None))
+    summary = fit(task, cfg)
     if info.is_main:
         print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))
     return 0

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..engine import CheckpointError, add_amp_arguments, autocast, count_params, make_loader, write_csv, write_json
+from ..engine import add_amp_arguments, autocast, count_params, make_loader, write_csv, write_json
+from ..engine.config import NON_NEGATIVE_INT, POSITIVE_INT
 from ..engine.distributed import cleanup_distributed, init_distributed
 from .task import ClassificationTask, add_data_arguments, load_classifier
 
@@ -22,8 +22,8 @@ from .task import ClassificationTask, add_data_arguments, load_classifier
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('checkpoint', help='a .safetensors checkpoint from `hsresnet train`, or its run directory.')
     add_data_arguments(parser, training=False)
-    parser.add_argument('-b', '--batch-size', type=int, default=256, help='batch size.')
-    parser.add_argument('-j', '--workers', type=int, default=2, help='data loading processes.')
+    parser.add_argument('-b', '--batch-size', type=POSITIVE_INT, default=256, help='batch size.')
+    parser.add_argument('-j', '--workers', type=NON_NEGATIVE_INT, default=2, help='data loading processes.')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'.")
     add_amp_arguments(parser)
     parser.add_argument('--channels-last', action='store_true', help='channels_last memory format.')
@@ -37,11 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        results = validate(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        print(f'hsresnet validate: error: {err}', file=sys.stderr)
-        return 2
+    results = validate(args)
     if results is not None:
         print(json.dumps(results, indent=2))
     return 0

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import torch
 
 from ..engine import (
-    CheckpointError,
     add_config_argument,
     add_engine_arguments,
     check_compatible,
@@ -34,13 +32,12 @@ from ..engine import (
     track_explicit_flags,
     write_json,
 )
+from ..engine.config import NON_NEGATIVE_INT, POSITIVE_INT, PROBABILITY
 from ..engine.distributed import cleanup_distributed
 from .datasets import collate_fn
 from .models import DETECTORS, create_detector
 from .predict import find_images, predict_images
 from .task import DetectionTask, build_dataset, class_names_of, detector_kwargs, evaluate_detector
-
-USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, FloatingPointError, ImportError)
 
 # torchvision's detection recipe: SGD 0.02 for a batch of 16, 26 epochs with steps at 16 and 22 (the 2x schedule
 # halves that), warm-up
@@ -86,7 +83,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         '--trainable-layers',
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=None,
         help='backbone stages trained, 0-5 (default as torchvision: 3 with --backbone-checkpoint, else 5).',
     )
@@ -96,27 +93,33 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help='FrozenBatchNorm2d in the backbone (default: on with --backbone-checkpoint, else off).',
     )
-    g.add_argument('--fpn-channels', type=int, default=256, help='FPN width (default 256).')
-    g.add_argument('--box-head-dim', type=int, default=1024, help='width of the two-FC box head (default 1024).')
-    g.add_argument('--mask-head-channels', type=int, default=256, help='width of the mask head convs (default 256).')
+    g.add_argument('--fpn-channels', type=POSITIVE_INT, default=256, help='FPN width (default 256).')
+    g.add_argument(
+        '--box-head-dim', type=POSITIVE_INT, default=1024, help='width of the two-FC box head (default 1024).'
+    )
+    g.add_argument(
+        '--mask-head-channels', type=POSITIVE_INT, default=256, help='width of the mask head convs (default 256).'
+    )
     g.add_argument(
         '--min-size',
-        type=int,
+        type=POSITIVE_INT,
         nargs='+',
         default=[800],
         help='shorter side the detector resizes to; several = random per training image (default 800).',
     )
-    g.add_argument('--max-size', type=int, default=1333, help='cap on the longer side (default 1333).')
+    g.add_argument('--max-size', type=POSITIVE_INT, default=1333, help='cap on the longer side (default 1333).')
     g.add_argument(
         '--anchor-sizes',
-        type=int,
+        type=POSITIVE_INT,
         nargs=5,
         default=None,
         metavar='PX',
         help='anchor size per FPN level P2-P6 (default torchvision: 32 64 128 256 512).',
     )
-    g.add_argument('--detections-per-img', type=int, default=100, help='max detections per image (default 100).')
-    g.add_argument('--score-thresh', type=float, default=0.05, help='drop detections below this score (eval).')
+    g.add_argument(
+        '--detections-per-img', type=POSITIVE_INT, default=100, help='max detections per image (default 100).'
+    )
+    g.add_argument('--score-thresh', type=PROBABILITY, default=0.05, help='drop detections below this score (eval).')
     g.add_argument(
         '--detector-kwargs',
         nargs='*',
@@ -143,12 +146,12 @@ def _add_data_arguments(p: argparse.ArgumentParser, train: bool) -> None:
             action='store_true',
             help='drop training images without annotations (default: keep them as negatives).',
         )
-        g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability (default 0.5).')
-        g.add_argument('--vflip', type=float, default=0.0, help='vertical flip probability (aerial/microscopy).')
+        g.add_argument('--hflip', type=PROBABILITY, default=0.5, help='horizontal flip probability (default 0.5).')
+        g.add_argument('--vflip', type=PROBABILITY, default=0.0, help='vertical flip probability (aerial/microscopy).')
     g.add_argument('--val-split', default='val', help='evaluation split (default: val; COCO: val2017).')
     g.add_argument('--val-ann', default=None, help='a COCO JSON for evaluation (instead of --data).')
     g.add_argument('--val-images', default=None, help='the image folder of --val-ann.')
-    g.add_argument('--eval-batch-size', type=int, default=None, help='evaluation batch size (default: -b).')
+    g.add_argument('--eval-batch-size', type=POSITIVE_INT, default=None, help='evaluation batch size (default: -b).')
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,8 +178,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     ev.add_argument('--checkpoint', required=True, help='run directory, checkpoint stem or .safetensors file.')
     _add_data_arguments(ev, train=False)
-    ev.add_argument('-b', '--batch-size', type=int, default=2, help='batch size (default: 2).')
-    ev.add_argument('-j', '--workers', type=int, default=2, help='data loading processes.')
+    ev.add_argument('-b', '--batch-size', type=POSITIVE_INT, default=2, help='batch size (default: 2).')
+    ev.add_argument('-j', '--workers', type=NON_NEGATIVE_INT, default=2, help='data loading processes.')
     ev.add_argument('--output', default=None, help='write the metrics to this JSON file.')
     _add_runtime_arguments(ev)
 
@@ -189,13 +192,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pr.add_argument('--checkpoint', required=True, help='run directory, checkpoint stem or .safetensors file.')
     pr.add_argument('inputs', nargs='+', help='image files or folders of images.')
     pr.add_argument('--output', default='runs/detect_predict', help='folder for the PNGs and predictions.json.')
-    pr.add_argument('--score-thresh', type=float, default=0.5, help='keep detections with at least this score.')
+    pr.add_argument('--score-thresh', type=PROBABILITY, default=0.5, help='keep detections with at least this score.')
     _add_runtime_arguments(pr)
 
 
 def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--device', default='auto', help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda'.")
-    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch).')
+    p.add_argument('--threads', type=POSITIVE_INT, default=None, help='torch CPU threads (default: torch).')
 
 
 def load_detector_checkpoint(path: str) -> Tuple[torch.nn.Module, Dict[str, Any]]:
@@ -264,22 +267,18 @@ def _predict(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, meta = load_detector_checkpoint(args.checkpoint)
     paths = find_images(args.inputs)
-    records = predict_images(
+    result = predict_images(
         model, paths, Path(args.output), class_names_of(meta), resolve_device(args.device), args.score_thresh
     )
+    records, skipped = result['images'], result['skipped']
     n = sum(len(r['detections']) for r in records)
     print(
         f'{len(records)} images, {n} detections with score >= {args.score_thresh}: overlays and predictions.json '
-        f'in {args.output}'
+        f'in {args.output}' + (f'; {len(skipped)} unreadable file(s) skipped' if skipped else '')
     )
-    return 0
+    return 0 if records else 1
 
 
 def run(args: argparse.Namespace) -> int:
     _log_to_stderr()
-    action = {'train': _train, 'eval': _eval, 'predict': _predict}[args.action]
-    try:
-        return action(args)
-    except USER_ERRORS as err:
-        print(f'hsresnet detect {args.action}: error: {err}', file=sys.stderr)
-        return 2
+    return {'train': _train, 'eval': _eval, 'predict': _predict}[args.action](args)

@@ -43,11 +43,13 @@ def load_coco_json(path: str | Path) -> Dict[str, Any]:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f'{path} is not valid JSON ({e}); expected a COCO annotation file.') from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ('images', 'categories')):
+    missing = [k for k in ('images', 'annotations', 'categories') if not isinstance(data, dict) or k not in data]
+    if missing or not all(isinstance(data[k], list) for k in ('images', 'annotations', 'categories')):
         raise ValueError(
-            f'{path} is not a COCO annotation file: it needs the lists "images", "annotations" and "categories".'
+            f'{path} is not a COCO annotation file: it needs the lists "images", "annotations" and "categories"'
+            + (f' ({", ".join(missing)} missing)' if missing else '')
+            + '; an image-info file without "annotations" has nothing to train or evaluate on.'
         )
-    data.setdefault('annotations', [])
     return data
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ..images import find_images
+from ..images import find_images, readable
 
 __all__ = ['find_images', 'draw_detections', 'predict_images']
 
@@ -70,8 +70,9 @@ def predict_images(
     class_names: Sequence[str],
     device: torch.device,
     score_thresh: float = 0.5,
-) -> List[Dict[str, Any]]:
-    """Detect on each image; write ``<output>/<stem>.png`` overlays and ``<output>/predictions.json``.
+) -> Dict[str, Any]:
+    """Detect on each image; write ``<output>/<stem>.png`` overlays and ``<output>/predictions.json`` (the records
+    and the files skipped as unreadable, which are also returned).
 
     Detections below ``score_thresh`` are left out of both. Masks are stored as COCO RLE.
     """
@@ -79,12 +80,9 @@ def predict_images(
 
     output.mkdir(parents=True, exist_ok=True)
     model.eval().to(device)
-    records = []
-    for path in paths:
-        try:
-            image = torch.from_numpy(np.array(Image.open(path).convert('RGB'))).permute(2, 0, 1)
-        except OSError as e:
-            raise ValueError(f'{path} is not a readable image ({e}).') from None
+    records: List[Dict[str, Any]] = []
+    skipped: List[Dict[str, str]] = []
+    for path, image in readable(paths, _read_rgb, skipped, 'hsresnet detect predict'):
         det = model([image.to(device).float() / 255])[0]
         det = {k: v.cpu() for k, v in det.items()}
         keep = det['scores'] >= score_thresh
@@ -111,5 +109,15 @@ def predict_images(
                 'overlay': str(output / f'{path.stem}.png'),
             }
         )
-    (output / 'predictions.json').write_text(json.dumps(records, indent=1) + '\n')
-    return records
+    result = {'classes': list(class_names), 'images': records, 'skipped': skipped}
+    (output / 'predictions.json').write_text(json.dumps(result, indent=1) + '\n')
+    return result
+
+
+def _read_rgb(path: Path) -> torch.Tensor:
+    """An image file as a uint8 (3, H, W) tensor."""
+    try:
+        with Image.open(path) as img:
+            return torch.from_numpy(np.array(img.convert('RGB'))).permute(2, 0, 1)
+    except OSError as err:
+        raise ValueError(f'not a readable image ({err})') from None

@@ -1,17 +1,18 @@
 """Atomic checkpoints: model weights as safetensors plus the training state as a ``torch.save`` file.
 
-A checkpoint named ``<dir>/last`` is the pair ``last.safetensors`` (weights, with JSON metadata) and
-``last.state.pt`` (epoch, step, optimizer, scheduler, EMA, RNG states, the resolved config, the metric history).
-Each file is written to a temporary name, flushed and then renamed over the old one (``os.replace``), so a kill at
-any moment leaves the previous checkpoint or the new one, never half a file. Both files carry the same random token,
-so a pair mixed from two saves is detected. Loading uses ``safetensors`` and ``torch.load(weights_only=True)``.
+A checkpoint named ``<dir>/last`` is ``last.state.pt`` (the model weights, their metadata, epoch, step, optimizer,
+scheduler, EMA, RNG states, the resolved config, the metric history), which alone is what ``--resume`` needs, and
+``last.safetensors``, the same weights for people and tools. Each file is written to a temporary name, flushed and
+then renamed over the old one (``os.replace``), the state first: a kill or a full disk at any moment leaves the
+previous state file or the new one, never half a file, and never a pair that cannot be resumed (the weights file
+may lag one save behind the state, which is complete by itself). Loading uses ``safetensors`` and
+``torch.load(weights_only=True)``; weights with NaN or infinite values are refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -38,6 +39,8 @@ def _atomic_write(path: Path, write) -> None:
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # name the file the user knows, not the temporary one
+        raise OSError(err.errno, err.strerror, str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -71,6 +74,7 @@ def load_weights(path: str | Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, A
     except json.JSONDecodeError:
         meta = {}
     meta['_format'] = header.get('format')
+    check_finite(tensors, path)
     return tensors, meta
 
 
@@ -91,18 +95,28 @@ def resolve_checkpoint_path(path: str | Path, suffix: str = WEIGHTS_SUFFIX) -> P
 
 
 def save_checkpoint(stem: str | Path, model: nn.Module, state: Dict[str, Any], metadata: Dict[str, Any]) -> None:
-    """Save ``<stem>.safetensors`` (weights of ``model``) and ``<stem>.state.pt`` (``state``), each atomically."""
+    """Save ``<stem>.state.pt`` (``state`` with the weights of ``model`` and ``metadata``), then
+    ``<stem>.safetensors`` (the weights), each atomically."""
     stem = Path(stem)
-    token = uuid.uuid4().hex
-    state = {**state, 'format': FORMAT, 'token': token}
-    save_weights(stem.with_name(stem.name + WEIGHTS_SUFFIX), model.state_dict(), {**metadata, 'token': token})
+    weights = {k: v.detach().to('cpu').contiguous().clone() for k, v in model.state_dict().items()}
+    state = {**state, 'format': FORMAT, 'model': weights, 'meta': metadata}
     _atomic_write(stem.with_name(stem.name + STATE_SUFFIX), lambda tmp: torch.save(state, tmp))
+    save_weights(stem.with_name(stem.name + WEIGHTS_SUFFIX), weights, metadata)
 
 
 def load_checkpoint(path: str | Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Dict[str, Any]]:
-    """Load a training checkpoint -> (weights, training state, metadata); refuse anything inconsistent."""
-    weights, meta = load_weights(path)
-    state_path = resolve_checkpoint_path(path, STATE_SUFFIX)
+    """Load a training checkpoint -> (weights, training state, metadata) from its state file; refuse anything
+    truncated, foreign or with non-finite weights."""
+    try:
+        state_path = resolve_checkpoint_path(path, STATE_SUFFIX)
+    except CheckpointError:
+        weights = Path(path)
+        if weights.is_file() and weights.suffix == WEIGHTS_SUFFIX:
+            raise CheckpointError(
+                f'{weights} holds weights only, no training state: resume from the run folder (or its '
+                'last.state.pt); to start a new run from these weights, fine-tune instead of resuming.'
+            ) from None
+        raise
     try:
         state = torch.load(state_path, map_location='cpu', weights_only=True)
     except Exception as err:  # torch raises many types for truncated/foreign pickles
@@ -110,14 +124,23 @@ def load_checkpoint(path: str | Path) -> Tuple[Dict[str, torch.Tensor], Dict[str
             f'{state_path} is not a readable training state ({type(err).__name__}: {str(err)[:200]}); it may be '
             'truncated or foreign. Resume from an intact checkpoint written by `hsresnet train`.'
         ) from None
-    if not isinstance(state, dict) or state.get('format') != FORMAT or meta.get('_format') != FORMAT:
+    if not isinstance(state, dict) or state.get('format') != FORMAT or not isinstance(state.get('model'), dict):
         raise CheckpointError(f'{state_path} is not an hsresnet training checkpoint (format {FORMAT!r} expected).')
-    if state.get('token') != meta.get('token'):
-        raise CheckpointError(
-            f'{state_path} and its weights file come from different saves (the run was killed between the two '
-            'renames); resume from another checkpoint (e.g. best) or restart the run.'
-        )
+    weights, meta = state.pop('model'), dict(state.pop('meta', {}))
+    check_finite(weights, state_path)
+    meta['_format'] = FORMAT
     return weights, state, meta
+
+
+def check_finite(weights: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse weights holding NaN or infinite values (a diverged run), naming the tensors."""
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f'{source} holds NaN or infinite values in {len(bad)} tensor(s) ({", ".join(bad[:3])}'
+            f'{" ..." if len(bad) > 3 else ""}): the run that saved it diverged. Use an earlier checkpoint (e.g. '
+            'model_best) or retrain with a lower --lr.'
+        )
 
 
 def check_compatible(model: nn.Module, weights: Mapping[str, torch.Tensor], source: str, meta: Dict) -> None:

@@ -8,8 +8,9 @@ is saved in checkpoints and summaries.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import yaml
 
@@ -47,6 +48,48 @@ def track_explicit_flags(parser: argparse.ArgumentParser) -> None:
         parser.register('action', name, _tracked(cls))
 
 
+def int_at_least(minimum: int) -> Callable[[Any], int]:
+    """An argparse ``type`` (also applied to YAML values) for integers >= ``minimum``: ``2.5``, ``'x'``, ``True`` and
+    smaller numbers are refused, not rounded or replaced by a default."""
+
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise argparse.ArgumentTypeError(f'{value!r} is not an integer')
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f'{value!r} is not an integer') from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f'{value!r} is too small: give an integer >= {minimum}')
+        return number
+
+    convert.__name__ = f'integer >= {minimum}'
+    return convert
+
+
+def float_in(low: float = -math.inf, high: float = math.inf, low_open: bool = False, high_open: bool = False):
+    """An argparse ``type`` for finite numbers in ``[low, high]`` (an open end excludes it); NaN and inf are refused."""
+
+    def convert(value: Any) -> float:
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        inside = (number > low if low_open else number >= low) and (number < high if high_open else number <= high)
+        if not math.isfinite(number) or not inside:
+            span = f'{"(" if low_open else "["}{low:g}, {high:g}{")" if high_open else "]"}'.replace('inf', '∞')
+            raise argparse.ArgumentTypeError(f'{value!r} is not a number in {span}')
+        return number
+
+    convert.__name__ = 'number'
+    return convert
+
+
+POSITIVE_INT, NON_NEGATIVE_INT = int_at_least(1), int_at_least(0)
+POSITIVE, NON_NEGATIVE = float_in(0, low_open=True), float_in(0)
+PROBABILITY, BELOW_ONE = float_in(0, 1), float_in(0, 1, high_open=True)
+
+
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '-c',
@@ -58,8 +101,13 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_kwargs(items: Optional[Iterable[str]]) -> Dict[str, Any]:
-    """``['w=16', 'channels=[16,32,64,128]']`` -> ``{'w': 16, 'channels': [16, 32, 64, 128]}`` (values read as YAML)."""
+def parse_kwargs(items: Any) -> Dict[str, Any]:
+    """``['w=16', 'channels=[16,32,64,128]']`` -> ``{'w': 16, 'channels': [16, 32, 64, 128]}`` (values read as YAML);
+    a mapping (from a YAML recipe) is taken as it is."""
+    if isinstance(items, dict):
+        return dict(items)
+    if items is not None and not isinstance(items, (list, tuple)):
+        raise ValueError(f'model/backbone kwargs must be a mapping or key=value items (e.g. w=16 s=4), got {items!r}.')
     out: Dict[str, Any] = {}
     for item in items or []:
         if isinstance(item, dict):
@@ -76,9 +124,12 @@ def load_yaml_config(path: str | Path) -> Dict[str, Any]:
     """Read a YAML recipe; keys may use dashes or underscores. Raises ValueError with the fix when it is unusable."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f'config file {path} does not exist: pass an existing YAML file to -c/--config.')
+        what = 'is a folder' if path.is_dir() else 'does not exist'
+        raise ValueError(f'config file {path} {what}: pass an existing YAML file to -c/--config.')
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ValueError(f'config file {path} is not a text (UTF-8) file: pass a YAML recipe.') from None
     except yaml.YAMLError as err:
         raise ValueError(f'config file {path} is not valid YAML: {err}') from None
     if not isinstance(data, dict):
@@ -110,22 +161,40 @@ def resolve_config(args: argparse.Namespace, parser: Optional[argparse.ArgumentP
         )
     for key, value in data.items():
         if key not in explicit:
-            if key == 'model_kwargs' and isinstance(value, dict):
+            if key.endswith('_kwargs') and isinstance(value, dict):
                 value = [f'{k}={yaml.safe_dump(v, default_flow_style=True).strip()}' for k, v in value.items()]
+            elif key.endswith('_kwargs') and not isinstance(value, list):
+                raise ValueError(f'config file {path}: {key}: {value!r} should be a mapping (w: 16) or k=v items.')
             if parser is not None:
-                value = _coerce(parser, key, value)
+                try:
+                    value = _coerce(parser, key, value)
+                except argparse.ArgumentTypeError as err:
+                    raise ValueError(f'config file {path}: {key}: {err}.') from None
             setattr(cfg, key, value)
     return cfg
 
 
 def _coerce(parser: argparse.ArgumentParser, dest: str, value: Any) -> Any:
-    """Convert a YAML value with the argument's ``type`` (so '1e-3' or 3 become floats where the flag wants one)."""
-    for action in parser._actions:
-        if action.dest == dest and action.type is not None and value is not None:
-            if isinstance(value, (list, tuple)):
-                return [action.type(v) for v in value]
-            return action.type(value)
-    return value
+    """Check and convert a YAML value as the flag would its text: its ``type`` (so '1e-3' or 3 become floats where
+    the flag wants one, and 2.5 is refused where it wants an integer), its ``choices`` and whether it takes a list."""
+    action = next((a for a in parser._actions if a.dest == dest), None)
+    if action is None or value is None:
+        return value
+    if action.nargs == 0:  # a switch (store_true, --x/--no-x)
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f'{value!r} should be true or false')
+        return value
+    takes_list = action.nargs not in (None, '?') or isinstance(action, argparse._AppendAction)
+    if takes_list != isinstance(value, (list, tuple)):
+        raise argparse.ArgumentTypeError(f'{value!r} should be {"a list" if takes_list else "a single value"}')
+    values = list(value) if takes_list else [value]
+    if isinstance(action.nargs, int) and len(values) != action.nargs:
+        raise argparse.ArgumentTypeError(f'{value!r} should have {action.nargs} values')
+    if action.type is not None:
+        values = [action.type(v) for v in values]
+    if action.choices is not None and any(v not in action.choices for v in values):
+        raise argparse.ArgumentTypeError(f'{value!r} is not one of {sorted(map(str, action.choices))}')
+    return values if takes_list else values[0]
 
 
 def config_to_dict(cfg: argparse.Namespace, skip: Sequence[str] = ()) -> Dict[str, Any]:
@@ -186,34 +255,46 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--resume', default=None, metavar='PATH', help='continue from a checkpoint (run dir or file).')
     group.add_argument(
         '--recovery-interval',
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=0,
         metavar='N',
         help='also checkpoint every N optimizer steps inside an epoch, so --resume loses at most N steps '
         '(0: checkpoints at epoch ends only).',
     )
-    group.add_argument('--epochs', type=int, default=10, help='number of epochs to train.')
-    group.add_argument('-b', '--batch-size', type=int, default=128, help='batch size per process.')
-    group.add_argument('--grad-accum-steps', type=int, default=1, help='micro-batches accumulated per optimizer step.')
+    group.add_argument('--epochs', type=POSITIVE_INT, default=10, help='number of epochs to train.')
+    group.add_argument('-b', '--batch-size', type=POSITIVE_INT, default=128, help='batch size per process.')
+    group.add_argument(
+        '--grad-accum-steps', type=POSITIVE_INT, default=1, help='micro-batches accumulated per optimizer step.'
+    )
     group.add_argument('--opt', default='sgd', help="timm optimizer name ('sgd', 'momentum', 'adamw', 'lamb' ...).")
     group.add_argument(
         '--lr',
-        type=float,
+        type=POSITIVE,
         default=None,
         help='learning rate; when omitted, lr = --lr-base * global batch / --lr-base-size (linear scaling rule).',
     )
-    group.add_argument('--lr-base', type=float, default=0.1, help='learning rate for a global batch of --lr-base-size.')
-    group.add_argument('--lr-base-size', type=int, default=256, help='global batch size that --lr-base refers to.')
-    group.add_argument('--momentum', type=float, default=0.9, help='SGD momentum.')
-    group.add_argument('--weight-decay', type=float, default=1e-4, help='weight decay (not on norms and biases).')
-    group.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm to this value.')
+    group.add_argument(
+        '--lr-base', type=POSITIVE, default=0.1, help='learning rate for a global batch of --lr-base-size.'
+    )
+    group.add_argument(
+        '--lr-base-size', type=POSITIVE_INT, default=256, help='global batch size that --lr-base refers to.'
+    )
+    group.add_argument('--momentum', type=BELOW_ONE, default=0.9, help='SGD momentum.')
+    group.add_argument(
+        '--weight-decay', type=NON_NEGATIVE, default=1e-4, help='weight decay (not on norms and biases).'
+    )
+    group.add_argument('--clip-grad', type=POSITIVE, default=None, help='clip the gradient norm to this value.')
     group.add_argument('--sched', default='cosine', help="timm scheduler ('cosine', 'step', 'multistep', 'poly' ...).")
-    group.add_argument('--warmup-epochs', type=float, default=0, help='linear warm-up length in epochs.')
-    group.add_argument('--warmup-lr', type=float, default=1e-5, help='learning rate at the start of the warm-up.')
-    group.add_argument('--min-lr', type=float, default=0.0, help='floor of the schedule.')
-    group.add_argument('--decay-epochs', type=float, default=90, help='step length for --sched step.')
-    group.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270], help='for multistep.')
-    group.add_argument('--decay-rate', type=float, default=0.1, help='lr factor at each step (step/multistep).')
+    group.add_argument('--warmup-epochs', type=NON_NEGATIVE, default=0, help='linear warm-up length in epochs.')
+    group.add_argument(
+        '--warmup-lr', type=NON_NEGATIVE, default=1e-5, help='learning rate at the start of the warm-up.'
+    )
+    group.add_argument('--min-lr', type=NON_NEGATIVE, default=0.0, help='floor of the schedule.')
+    group.add_argument('--decay-epochs', type=POSITIVE, default=90, help='step length for --sched step.')
+    group.add_argument(
+        '--decay-milestones', type=POSITIVE_INT, nargs='+', default=[90, 180, 270], help='for multistep.'
+    )
+    group.add_argument('--decay-rate', type=POSITIVE, default=0.1, help='lr factor at each step (step/multistep).')
     group.add_argument(
         '--sched-on-epochs', action='store_true', help='update the lr once per epoch (default: every optimizer step).'
     )
@@ -227,14 +308,20 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help='torch.compile the model (optionally name the backend; default inductor).',
     )
     group.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (timm ModelEmaV3).')
-    group.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay per optimizer step.')
-    group.add_argument('--seed', type=int, default=42, help='random seed.')
+    group.add_argument('--model-ema-decay', type=BELOW_ONE, default=0.9998, help='EMA decay per optimizer step.')
+    group.add_argument('--seed', type=NON_NEGATIVE_INT, default=42, help='random seed.')
     group.add_argument(
         '--deterministic', action='store_true', help='deterministic algorithms (a resumed run then matches exactly).'
     )
-    group.add_argument('-j', '--workers', type=int, default=2, help='data loading processes per training process.')
+    group.add_argument(
+        '-j', '--workers', type=NON_NEGATIVE_INT, default=2, help='data loading processes per training process.'
+    )
     group.add_argument('--device', default='auto', help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda'.")
-    group.add_argument('--eval-interval', type=int, default=1, help='evaluate every N epochs (and after the last).')
+    group.add_argument(
+        '--eval-interval', type=POSITIVE_INT, default=1, help='evaluate every N epochs (and after the last).'
+    )
     group.add_argument('--no-progress', action='store_true', help='no progress bars (log lines only).')
     group.add_argument('--no-tensorboard', action='store_true', help='do not write TensorBoard events.')
-    group.add_argument('--threads', type=int, default=None, help='torch CPU threads per process (default: torch).')
+    group.add_argument(
+        '--threads', type=POSITIVE_INT, default=None, help='torch CPU threads per process (default: torch).'
+    )

@@ -41,6 +41,7 @@ from .distributed import (
     set_rng_state,
 )
 from .logs import RunLogger, write_json
+from .outputs import OutputError, check_run_folder, clear_run_folder, describe_os_error, kept_checkpoint, lock, release
 
 
 def log(info: DistInfo, msg: str) -> None:
@@ -121,7 +122,12 @@ def fit(task: Any, cfg: Any) -> Dict[str, Any]:
     info = init_distributed(cfg.device)
     try:
         return _fit(task, cfg, info)
+    except OSError as err:  # the file system refused a write: say what happened and what is intact
+        raise OutputError(f'{describe_os_error(err)}; {kept_checkpoint(cfg.output)}.') from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f'interrupted; {kept_checkpoint(cfg.output)}') from None
     finally:
+        release(cfg.output)
         cleanup_distributed()
 
 
@@ -139,17 +145,13 @@ def _fit(task: Any, cfg: Any, info: DistInfo) -> Dict[str, Any]:
         keep_freed_memory()
 
     # Everything that can refuse the run happens before anything is written.
+    replaced = check_run_folder(output, cfg.resume, cfg.overwrite) if info.is_main else []
     resume_state: Optional[Dict[str, Any]] = None
     model = task.build_model()
     if cfg.resume:
         weights, resume_state, meta = load_checkpoint(cfg.resume)
         check_compatible(model, weights, str(cfg.resume), meta)
         model.load_state_dict(weights)
-    elif (output / 'last.safetensors').exists() and not cfg.overwrite:
-        raise ValueError(
-            f'{output} already holds a checkpoint: pass --resume {output} to continue it, --overwrite to start over, '
-            'or another --output.'
-        )
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -233,6 +235,8 @@ def _fit(task: Any, cfg: Any, info: DistInfo) -> Dict[str, Any]:
 
     if info.is_main:
         output.mkdir(parents=True, exist_ok=True)
+        lock(output)  # a second run into this folder is refused from here on
+        clear_run_folder(output, replaced)  # --overwrite: the replaced run's files go, none of them mixes in
         write_json(output / 'config.json', config_to_dict(cfg))
     logger = RunLogger(
         output, task.main_metric, enabled=info.is_main, history=history, tensorboard=not cfg.no_tensorboard

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -29,6 +28,7 @@ from ..engine import (
     track_explicit_flags,
     write_json,
 )
+from ..engine.config import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, int_at_least
 from ..engine.distributed import cleanup_distributed, resolve_device
 from .data import SegmentationTransform, build_dataset, pad_collate
 from .models import backbone_mean_std
@@ -51,10 +51,10 @@ TRAIN_DEFAULTS = dict(
 def _add_eval_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--data', default=None, help='a Cityscapes root (leftImg8bit/, gtFine/) or a mask folder.')
     p.add_argument('--val-split', default='val', help='split folder to evaluate on (default: val).')
-    p.add_argument('-j', '--workers', type=int, default=2, help='data loading processes.')
+    p.add_argument('-j', '--workers', type=NON_NEGATIVE_INT, default=2, help='data loading processes.')
     p.add_argument('--device', default='auto', help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda'.")
     add_amp_arguments(p)
-    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch).')
+    p.add_argument('--threads', type=POSITIVE_INT, default=None, help='torch CPU threads (default: torch).')
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,27 +80,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument('--output-stride', type=int, default=16, choices=[8, 16], help='encoder output stride.')
     model.add_argument('--frozen-bn', action='store_true', help='freeze the encoder BatchNorm (FrozenBatchNorm2d).')
-    model.add_argument('--trainable-layers', type=int, default=5, help='encoder stages trained, 0-5 (default: all).')
+    model.add_argument(
+        '--trainable-layers', type=int_at_least(0), default=5, help='encoder stages trained, 0-5 (default: all).'
+    )
     data = train.add_argument_group('data')
     data.add_argument('--data', default=None, help='a Cityscapes root (leftImg8bit/, gtFine/) or a mask folder.')
-    data.add_argument('--num-classes', type=int, default=None, help='classes of a mask folder without classes.json.')
+    data.add_argument(
+        '--num-classes', type=POSITIVE_INT, default=None, help='classes of a mask folder without classes.json.'
+    )
     data.add_argument('--train-split', default='train', help='split folder to train on (default: train).')
     data.add_argument('--val-split', default='val', help='split folder to evaluate on (default: val).')
-    data.add_argument('--eval-batch-size', type=int, default=None, help='evaluation batch size (default: -b).')
+    data.add_argument('--eval-batch-size', type=POSITIVE_INT, default=None, help='evaluation batch size (default: -b).')
     data.add_argument(
-        '--crop-size', type=int, nargs='+', default=[512], metavar='PX', help='training crop: S or H W (default 512).'
+        '--crop-size',
+        type=POSITIVE_INT,
+        nargs='+',
+        default=[512],
+        metavar='PX',
+        help='training crop: S or H W (default 512).',
     )
     data.add_argument(
-        '--scale-range', type=float, nargs=2, default=[0.5, 2.0], metavar=('MIN', 'MAX'), help='random scale.'
+        '--scale-range', type=POSITIVE, nargs=2, default=[0.5, 2.0], metavar=('MIN', 'MAX'), help='random scale.'
     )
-    data.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability.')
+    data.add_argument('--hflip', type=PROBABILITY, default=0.5, help='horizontal flip probability.')
     add_engine_arguments(train)
     train.set_defaults(**TRAIN_DEFAULTS, _parser=train)  # the parser types YAML values (resolve_config)
 
     ev = sub.add_parser('eval', help='mIoU / pixel accuracy / per-class IoU of a checkpoint', description=__doc__)
     ev.add_argument('--checkpoint', required=True, help='run directory, checkpoint stem or .safetensors file.')
     _add_eval_data_arguments(ev)
-    ev.add_argument('-b', '--batch-size', type=int, default=1, help='batch size (default: 1).')
+    ev.add_argument('-b', '--batch-size', type=POSITIVE_INT, default=1, help='batch size (default: 1).')
     ev.add_argument('--output', default=None, help='write the metrics to this JSON file.')
 
     pr = sub.add_parser(
@@ -109,9 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pr.add_argument('--checkpoint', required=True, help='run directory, checkpoint stem or .safetensors file.')
     pr.add_argument('inputs', nargs='+', help='image files or folders of images.')
     pr.add_argument('--output', default='runs/segment_predict', help='folder for the PNGs and predictions.json.')
-    pr.add_argument('--alpha', type=float, default=0.5, help='overlay opacity of the class colours.')
+    pr.add_argument('--alpha', type=PROBABILITY, default=0.5, help='overlay opacity of the class colours.')
     pr.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'.")
-    pr.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch).')
+    pr.add_argument('--threads', type=POSITIVE_INT, default=None, help='torch CPU threads (default: torch).')
 
 
 def _crop_size(values) -> int | Tuple[int, int]:
@@ -192,17 +201,10 @@ def _predict(args: argparse.Namespace) -> int:
     for record in result['images']:
         fractions = ', '.join(f'{k} {v:.1%}' for k, v in record['class_fractions'].items())
         print(f'{record["image"]}: {fractions} -> {record["overlay"]}')
-    print(f'wrote {len(paths)} overlays and masks and {Path(args.output) / "predictions.json"}')
-    return 0
+    skipped = f'; {len(result["skipped"])} unreadable file(s) skipped' if result['skipped'] else ''
+    print(f'wrote {len(result["images"])} overlays and masks and {Path(args.output) / "predictions.json"}{skipped}')
+    return 0 if result['images'] else 1
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.action == 'train':
-            return _train(args)
-        if args.action == 'eval':
-            return _eval(args)
-        return _predict(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
+    return {'train': _train, 'eval': _eval, 'predict': _predict}[args.action](args)

@@ -7,7 +7,9 @@ Every sample is ``(image, mask)``: an ``(3, H, W)`` float tensor normalised with
 from __future__ import annotations
 
 import json
+import logging
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -19,7 +21,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..images import IMAGE_SUFFIXES
+from ..images import IMAGE_SUFFIXES, check_image
+
+_log = logging.getLogger('hsresnet')
 
 __all__ = [
     'IGNORE_INDEX',
@@ -103,16 +107,35 @@ class _PairDataset(Dataset):
         lut: Optional[np.ndarray] = None,
         mapped: Optional[List[bool]] = None,
     ):
-        self.pairs = pairs
+        mapped = mapped if mapped is not None else [lut is not None] * len(pairs)
+        with ThreadPoolExecutor(max_workers=8) as pool:  # PIL's checks release the GIL while they decompress
+            reasons = list(pool.map(lambda pair: check_image(pair[0]) or check_image(pair[1]), pairs))
+        self.bad = [(pair, reason) for pair, reason in zip(pairs, reasons) if reason is not None]
+        for (image, mask), reason in self.bad:
+            _log.warning('skipping the unreadable pair %s / %s (%s)', image, mask, reason)
+        if len(self.bad) == len(pairs):
+            raise ValueError(f'none of the {len(pairs)} image/mask pairs can be read (first: {self.bad[0][1]}).')
+        keep = [reason is None for reason in reasons]
+        self.pairs = [p for p, ok in zip(pairs, keep) if ok]
+        self.mapped = [m for m, ok in zip(mapped, keep) if ok]
         self.num_classes = num_classes
         self.transform = transform
         self.lut = lut
-        self.mapped = mapped if mapped is not None else [lut is not None] * len(pairs)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> Sample:
+        """The pair at ``index``; one that fails to decode now (damaged after the check) is reported and replaced by
+        the next readable pair, so an epoch never stops on one bad file."""
+        for k in range(len(self.pairs)):
+            try:
+                return self._sample((index + k) % len(self.pairs))
+            except OSError as err:
+                _log.warning('skipping unreadable %s (%s)', self.pairs[(index + k) % len(self.pairs)], err)
+        raise ValueError('no readable image/mask pair left in the dataset')
+
+    def _sample(self, index: int) -> Sample:
         image_path, mask_path = self.pairs[index]
         image, mask = _read_pair(image_path, mask_path)
         if self.lut is not None and self.mapped[index]:

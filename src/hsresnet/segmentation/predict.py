@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..images import find_images
+from ..images import find_images, readable
 from .data import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, _to_rgb8
 from .models import predict_logits
 
@@ -48,7 +48,7 @@ def _load_rgb(path: Path) -> Image.Image:
         with Image.open(path) as im:
             return im.convert('RGB') if im.mode in ('RGB', 'L', 'P', 'RGBA', 'LA', 'CMYK') else _to_rgb8(im)
     except OSError as err:
-        raise ValueError(f'{path} is not a readable image ({err}).') from None
+        raise ValueError(f'not a readable image ({err})') from None
 
 
 @torch.no_grad()
@@ -63,7 +63,8 @@ def predict_images(
     alpha: float = 0.5,
 ) -> Dict[str, Any]:
     """Segment each image at full resolution; write ``<stem>_overlay.png`` and ``<stem>_mask.png`` (a palette PNG
-    whose pixel values are the class ids) into ``out_dir`` and return the per-image records for the JSON."""
+    whose pixel values are the class ids) into ``out_dir`` and return the per-image records for the JSON, with the
+    files skipped as unreadable."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or next(model.parameters()).device
@@ -72,9 +73,9 @@ def predict_images(
     flat_palette = [c for colour in palette for c in colour]
     mean_t = torch.tensor(mean, device=device).view(3, 1, 1)
     std_t = torch.tensor(std, device=device).view(3, 1, 1)
-    records = []
-    for path in paths:
-        image = _load_rgb(path)
+    records: List[Dict[str, Any]] = []
+    skipped: List[Dict[str, str]] = []
+    for path, image in readable(paths, _load_rgb, skipped, 'hsresnet segment predict'):
         x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).to(device).permute(2, 0, 1).float() / 255
         logits = predict_logits(model, ((x - mean_t) / std_t)[None])[0]
         probs = logits.float().softmax(0)
@@ -97,4 +98,4 @@ def predict_images(
                 'mask': str(mask_path),
             }
         )
-    return {'classes': list(class_names), 'images': records}
+    return {'classes': list(class_names), 'images': records, 'skipped': skipped}

@@ -66,43 +66,39 @@ def _dry_run(study, out: Path) -> tuple:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        if args.action == 'report':
-            from .report import write_report
+    if args.action == 'report':
+        from .report import write_report
 
-            path = write_report(Path(args.folder), Path(args.output) if args.output else None)
-            print(path.read_text())
-            print(f'wrote {path} (and cells.csv, runs.csv, PNGs beside it)')
-            return 0
-        study = load_study(args.config)
-        out = Path(args.output or Path('runs/study') / study.name)
-        jobs, threads = args.jobs or study.jobs, args.threads or study.threads
-        if jobs < 1 or threads < 1:
-            raise StudyError(f'--jobs and --threads must be >= 1, got {jobs} and {threads}.')
-        if args.dry_run:
-            total, unknown = _dry_run(study, out)
-            left = sum(1 for r in study.runs if not (out / r.key / r.result_file).is_file())
-            print(
-                f'{left} run(s) to go: about {total / 60 / jobs:.0f} min with {jobs} at once'
-                + (f' (+ {unknown} without an estimate)' if unknown else '')
-            )
-            return 0
-        from .runner import run_study, submitit_executor
+        path = write_report(Path(args.folder), Path(args.output) if args.output else None)
+        print(path.read_text())
+        print(f'wrote {path} (and cells.csv, runs.csv, PNGs beside it)')
+        return 0
+    study = load_study(args.config)
+    out = Path(args.output or Path('runs/study') / study.name)
+    jobs, threads = args.jobs or study.jobs, args.threads or study.threads
+    if jobs < 1 or threads < 1:
+        raise StudyError(f'--jobs and --threads must be >= 1, got {jobs} and {threads}.')
+    if args.dry_run:
+        total, unknown = _dry_run(study, out)
+        left = sum(1 for r in study.runs if not (out / r.key / r.result_file).is_file())
+        print(
+            f'{left} run(s) to go: about {total / 60 / jobs:.0f} min with {jobs} at once'
+            + (f' (+ {unknown} without an estimate)' if unknown else '')
+        )
+        return 0
+    from .runner import run_study, submitit_executor
 
-        submit = None
-        if args.submitit:
-            slurm = {'timeout_min': args.slurm_time}
-            if args.slurm_partition:
-                slurm['slurm_partition'] = args.slurm_partition
-            if args.slurm_gpus is not None:
-                slurm['gpus_per_node'] = args.slurm_gpus
-            if args.slurm_mem_gb is not None:
-                slurm['mem_gb'] = args.slurm_mem_gb
-            submit = submitit_executor(out, args.submitit, **slurm)
-        outcomes = run_study(study, out, jobs, threads, args.rerun_stale, submit, progress=not args.no_progress)
-    except (StudyError, ValueError) as err:
-        print(f'hsresnet study {args.action}: error: {err}', file=sys.stderr)
-        return 2
+    submit = None
+    if args.submitit:
+        slurm = {'timeout_min': args.slurm_time}
+        if args.slurm_partition:
+            slurm['slurm_partition'] = args.slurm_partition
+        if args.slurm_gpus is not None:
+            slurm['gpus_per_node'] = args.slurm_gpus
+        if args.slurm_mem_gb is not None:
+            slurm['mem_gb'] = args.slurm_mem_gb
+        submit = submitit_executor(out, args.submitit, **slurm)
+    outcomes = run_study(study, out, jobs, threads, args.rerun_stale, submit, progress=not args.no_progress)
     failed = [key for key, code, _ in outcomes if code != 0]
     for key in failed:
         print(f'failed: {out / key} (see log.txt there)', file=sys.stderr)

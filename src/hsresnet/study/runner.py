@@ -19,9 +19,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from ..engine.outputs import LAUNCHER_FILES
 from .plan import Run, Study
 
-RUN_FILE = 'study_run.json'  # in every run folder: the run's identity and command, its time once finished
+LOG_FILE, RUN_FILE = LAUNCHER_FILES  # in every run folder: its output, and its identity, command and time when done
 PLAN_FILE = 'study.json'  # in the study folder: what `hsresnet study report` reads
 
 
@@ -74,7 +75,7 @@ def execute(out: Path, run: Run, threads: int, fresh: bool = False) -> Tuple[str
     record = {'identity': run.identity, 'argv': run.argv, 'command': cmd, 'threads': threads}
     write_json(folder / RUN_FILE, {**record, 'started': time.strftime('%Y-%m-%d %H:%M:%S')})
     start = time.time()
-    with open(folder / 'log.txt', 'a') as log:
+    with open(folder / LOG_FILE, 'a') as log:
         log.write(f'$ {" ".join(cmd)}\n')
         log.flush()
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
