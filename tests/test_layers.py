@@ -135,6 +135,30 @@ def test_block_is_plug_and_play_in_place_of_a_3x3_conv():
     assert all(p.grad is not None for p in net.parameters())
 
 
+@pytest.mark.parametrize('block', [HSBlock(5, 4), HSStridedBlock(5, 4, stride=1)])
+def test_block_output_may_be_modified_in_place_in_training(block):
+    """A plug-and-play block works wherever a 3x3 conv does: followed by an in-place ReLU, or added to in place."""
+    seq = nn.Sequential(nn.Conv2d(3, 20, 3, padding=1), block, nn.ReLU(inplace=True), nn.Conv2d(20, 4, 1))
+    seq(torch.randn(2, 3, 8, 8)).sum().backward()
+    x = torch.randn(2, 20, 8, 8, requires_grad=True)
+    out = block(x)
+    out += x  # a residual added in place, as torchvision's Bottleneck does
+    out.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in seq.parameters())
+
+
+def test_block_trains_inside_torchvision_bottleneck():
+    from torchvision.models.resnet import Bottleneck
+
+    torch.manual_seed(0)
+    tv = Bottleneck(64, 16, base_width=80)  # width 20 = s * w
+    tv.conv2, tv.bn2 = HSBlock(5, 4), nn.Identity()  # bn2 + relu are inside the HS block
+    tv.relu = nn.ReLU(inplace=True)
+    x = torch.randn(2, 64, 8, 8)
+    tv(x).sum().backward()
+    assert all(p.grad is not None for p in tv.parameters())
+
+
 def test_dilation_keeps_size_and_reaches_further():
     block = HSBlock(4, 3, dilation=2)
     assert all(c.dilation == (2, 2) and c.padding == (2, 2) for c in block.convs)

@@ -54,7 +54,9 @@ def test_fast_paths_are_taken_and_equal_concat_path():
         assert fast._fast_path(x)
         torch.testing.assert_close(fast._forward_into_buffer(x), fast._forward_cat(x), rtol=0, atol=0)
     assert fast._fast_path(x)  # grad enabled: the ReLU-in-concat path, differentiable
-    torch.testing.assert_close(fast._forward_relu_concat(x), fast._forward_cat(x), rtol=0, atol=0)
+    torch.testing.assert_close(fast(x), fast._forward_cat(x), rtol=0, atol=0)
+    conv = nn.Conv2d(20, 6, 1)
+    torch.testing.assert_close(fast.forward_into(x, conv), conv(fast._forward_cat(x)), rtol=0, atol=0)
     assert not HSBlock(5, 4, act_layer=nn.SiLU)._fast_path(x)  # only ReLU has the fused paths
     calls = []
     fast.act.register_forward_hook(lambda *args: calls.append(1))  # a hooked activation is called as a module
@@ -95,19 +97,20 @@ def saved_bytes(block: nn.Module, x: torch.Tensor) -> int:
 
 
 def test_training_paths_store_each_activation_once():
-    """Under autograd the ReLU-in-concat blocks keep less for backward than split/ReLU/concat (same numbers)."""
+    """Under autograd a block feeding the next conv (``forward_into``) keeps less for backward than
+    split/ReLU/concat (same numbers)."""
     x = torch.randn(2, 90, 14, 14, requires_grad=True)
     conv3 = nn.Conv2d(90, 32, 1)  # the bottleneck's next conv, which saves the block's output
     block = HSBlock(18, 5).train()
     plain = saved_bytes(lambda t: conv3(block._forward_cat(t)), x)
-    fused = saved_bytes(lambda t: conv3(block(t)), x)
+    fused = saved_bytes(lambda t: block.forward_into(t, conv3), x)
     # split/ReLU/concat keeps the ReLU outputs (27+31+33+18 = 109 channels) besides the concat that conv3 keeps,
     # and each cascade conv's input concat with its copy of x_{i+1} (3 x 18 channels) besides x itself
     assert fused <= plain - (109 + 3 * 18) * 2 * 14 * 14 * 4, (fused, plain)
     strided = HSStridedBlock(18, 5, stride=2).train()
     conv_part = lambda t: strided.act(strided.bn(strided.conv(t[:, 18:])))  # noqa: E731
     plain = saved_bytes(lambda t: conv3(torch.cat([strided.pool(t[:, :18]), conv_part(t)], 1)), x)
-    assert saved_bytes(lambda t: conv3(strided(t)), x) <= plain - 72 * 2 * 7 * 7 * 4
+    assert saved_bytes(lambda t: strided.forward_into(t, conv3), x) <= plain - 72 * 2 * 7 * 7 * 4
 
 
 def backward_node_names(out: torch.Tensor) -> set:

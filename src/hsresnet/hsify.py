@@ -215,9 +215,9 @@ def _convert(plan: _Plan, s: int, down: str, zero_init_last: bool) -> None:
     if isinstance(block, timm_resnet.Bottleneck):
         # the HS block ends in its own activation, as in HSBottleneck
         block.act2 = nn.Identity().train(block.act2.training)
-    else:
-        # torchvision re-applies its shared ReLU after conv2: a no-op on the HS output (>= 0), but in place it would
-        # overwrite the block's output, which autograd keeps (the block's ReLUs run inside its final concat).
+    elif getattr(hs, 'down', None) == 'conv':
+        # torchvision re-applies its shared ReLU after conv2: a no-op on the HS output (>= 0), but in place on the
+        # strided conv's own ReLU output it would overwrite a tensor autograd keeps for that ReLU's backward.
         block.relu = nn.ReLU(inplace=False).train(block.relu.training)
 
     if conv3.in_channels != mid:

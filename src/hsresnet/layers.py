@@ -6,7 +6,7 @@ bottleneck. The exact arithmetic is fixed by ``shared/design/hs-block.md`` and d
 """
 
 import inspect
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -65,7 +65,7 @@ def has_hooks(module: nn.Module) -> bool:
 
 def _eager_relu(x: torch.Tensor, act: nn.Module) -> bool:
     """True for a ReLU block run eagerly: nothing traces (fx proxies, fake tensors, jit.trace), compiles or exports
-    the forward, so the block may use its hand-written paths (``_ReLUConcat`` under autograd, ``out=`` writes into
+    the forward, so the block may use its hand-written paths (``_ReLUConcatConv`` under autograd, ``out=`` writes into
     preallocated buffers without it; the same numbers, less memory and fewer copies). Everything else sees the plain
     split/concat formulation, which compilers and exporters fuse themselves; so does an activation with hooks (the
     hand-written paths apply the ReLU without calling the module)."""
@@ -167,9 +167,8 @@ class HSBlock(nn.Module):
         norm_layer: called as ``norm_layer(C)``; ``FrozenBatchNorm2d`` works.
         act_layer: activation class, built with ``inplace=True``.
 
-    With a ReLU in eager training the output is what autograd keeps for the ReLUs' backward (they run inside the
-    final concat, ``_ReLUConcat``): modifying it in place afterwards (an in-place ReLU, ``+=``) is refused by
-    autograd, so follow the block with out-of-place ops, as ``HSBottleneck`` and :func:`hsresnet.hsify` do.
+    The output may be modified in place (an in-place ReLU, ``out += shortcut``), as a 3x3 conv's may. A network
+    whose next layer is a conv stores less in training through :meth:`forward_into`, as ``HSBottleneck`` does.
     """
 
     def __init__(
@@ -201,8 +200,18 @@ class HSBlock(nn.Module):
         if torch.jit.is_scripting() or not self._fast_path(x):
             return self._forward_cat(x)
         if torch.is_grad_enabled():
-            return self._forward_relu_concat(x)
+            head, tails = self._cascade(x)
+            return torch.cat([head, *(torch.relu(t) for t in tails)], dim=1)
         return self._forward_into_buffer(x)
+
+    @torch.jit.unused
+    def forward_into(self, x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+        """``conv(self(x))``; in eager training without the output concat being stored: ``conv`` (a bottleneck's
+        1x1 conv3) takes the block's pieces through ``_ReLUConcatConv``, so ``x_1`` is kept once, inside ``x``."""
+        if not (torch.is_grad_enabled() and self._fast_path(x)):
+            return conv(self(x))
+        head, tails = self._cascade(x)
+        return _relu_concat_conv(conv, head, *tails)
 
     @torch.jit.unused
     def _fast_path(self, x: torch.Tensor) -> bool:
@@ -222,25 +231,21 @@ class HSBlock(nn.Module):
         return torch.cat(outs, dim=1)
 
     @torch.jit.unused
-    def _forward_relu_concat(self, x: torch.Tensor, next_conv: Optional[nn.Module] = None) -> torch.Tensor:
-        """Eager training: every ReLU runs inside the concat (and conv) that consumes it, so autograd keeps each
-        activation once and never a copy of ``x``: ``relu(y_{i,2})`` and ``x_{i+1}`` feed the next conv through
-        ``_ReLUConcatConv``, the ``y_{i,1}`` go into the output through ``_ReLUConcat``. With ``next_conv`` (the
-        bottleneck's conv3) the result is ``next_conv(block(x))``, and the output concat, with its copy of ``x_1``,
-        is not stored either."""
+    def _cascade(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Eager training up to the output concat -> (``x_1``, [``y_{2,1}``, ..., ``y_s``] before their ReLU). Every
+        ReLU inside the cascade runs in the conv that consumes it (``_ReLUConcatConv``): autograd keeps each
+        activation once and never a copy of ``x``."""
         groups = torch.split(x, self.width, dim=1)
-        kept = []
+        tails = []
         y = self.bns[0](self.convs[0](groups[1]))  # before the ReLU
         for i in range(len(self.convs) - 1):
             # split, not two slices: its backward is one concat, where each slice's backward would zero-fill y's
             # shape and the two results would then be added
             head, forwarded = torch.split(y, [self.out_widths[i], self.widths[i] - self.out_widths[i]], dim=1)
-            kept.append(head)
+            tails.append(head)
             y = self.bns[i + 1](_relu_concat_conv(self.convs[i + 1], groups[i + 2], forwarded))
-        kept.append(y)
-        if next_conv is not None:
-            return _relu_concat_conv(next_conv, groups[0], *kept)
-        return _ReLUConcat.apply(groups[0], *kept)
+        tails.append(y)
+        return groups[0], tails
 
     @torch.jit.unused
     def _forward_into_buffer(self, x: torch.Tensor) -> torch.Tensor:
@@ -275,6 +280,8 @@ class HSStridedBlock(nn.Module):
     grouped conv (``groups = s - 1``), which is the same arithmetic. ``down='conv'``: one dense 3x3 conv
     ``s * width -> s * width`` + norm + activation. The structure depends on the nominal position only: with a
     dilated backbone (``output_stride`` 8/16) ``stride`` is 1, the conv dilates and the state_dict is unchanged.
+    The ``pool_conv`` output may be modified in place, as :class:`HSBlock`'s; the ``conv`` output is that of a
+    conv + norm + ReLU, which autograd keeps for the ReLU's backward, as it does for any such module.
     """
 
     def __init__(
@@ -310,11 +317,18 @@ class HSStridedBlock(nn.Module):
         if self.pool is None:
             return self.act(self.bn(self.conv(x)))
         identity, rest = torch.split(x, [self.width, self.channels - self.width], dim=1)  # one concat in backward
-        if torch.jit.is_scripting() or not self._fast_path(x):
+        if torch.jit.is_scripting() or torch.is_grad_enabled() or not self._fast_path(x):
             return torch.cat([self.pool(identity), self.act(self.bn(self.conv(rest)))], dim=1)
-        if torch.is_grad_enabled():  # the ReLU inside the concat: its output is stored once for backward
-            return _ReLUConcat.apply(self.pool(identity), self.bn(self.conv(rest)))
         return self._forward_into_buffer(identity, rest)
+
+    @torch.jit.unused
+    def forward_into(self, x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+        """``conv(self(x))``; in eager training without the output concat being stored (see
+        :meth:`HSBlock.forward_into`): the pooled ``x_1`` and the ReLU's output are kept once each."""
+        if self.pool is None or not (torch.is_grad_enabled() and self._fast_path(x)):
+            return conv(self(x))
+        identity, rest = torch.split(x, [self.width, self.channels - self.width], dim=1)
+        return _relu_concat_conv(conv, self.pool(identity), self.bn(self.conv(rest)))
 
     @torch.jit.unused
     def _fast_path(self, x: torch.Tensor) -> bool:

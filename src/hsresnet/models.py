@@ -97,20 +97,13 @@ class HSBottleneck(nn.Module):
 
     @torch.jit.unused
     def _fuse_conv2_conv3(self, x: torch.Tensor) -> bool:
-        """Eager training of a stride-1 HS block: conv3 can take the block's pieces without their concat being
-        stored (``HSBlock._forward_relu_concat``): ``x_1`` is kept once, inside ``x``."""
-        conv2 = self.conv2
-        return (
-            isinstance(conv2, HSBlock)
-            and isinstance(self.drop_block, nn.Identity)
-            and torch.is_grad_enabled()
-            and conv2._fast_path(x)
-            and not has_hooks(conv2)
-        )
+        """Eager training: conv3 can take the HS block's pieces without their concat being stored
+        (``forward_into`` of the block)."""
+        return isinstance(self.drop_block, nn.Identity) and torch.is_grad_enabled() and not has_hooks(self.conv2)
 
     @torch.jit.unused
     def _conv2_conv3(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2._forward_relu_concat(x, self.conv3)
+        return self.conv2.forward_into(x, self.conv3)
 
     def zero_init_last(self) -> None:
         if getattr(self.bn3, 'weight', None) is not None:
