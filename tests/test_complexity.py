@@ -160,7 +160,7 @@ def test_breakdown_parts_and_avg_down_is_free():
     assert os8.params == hs_resnet_complexity().params and os8.macs > 2 * hs_resnet_complexity().macs
 
 
-# the spec's table (shared/design/hs-block.md): params (M) / GMACs of HS-ResNet-50, pool_conv, 1000 classes, 224 px
+# the spec's table (docs/complexity.md): params (M) / GMACs of HS-ResNet-50, pool_conv, 1000 classes, 224 px
 SPEC_TABLE = {
     4: [(14.0, 2.17), (18.1, 2.90), (20.3, 3.29), (25.0, 4.14), (33.0, 5.57)],
     5: [(16.9, 2.70), (22.4, 3.69), (25.4, 4.22), (32.0, 5.41), (43.2, 7.42)],

@@ -1,5 +1,5 @@
 """HS-ResNet plugs into torchvision detection/segmentation, smp and mmpretrain-style timm usage without glue
-(issue 2, shared/design/ecosystem.md). Depth-26 models on 64 px images."""
+(the contracts in docs/architecture.md). Depth-26 models on 64 px images."""
 
 from __future__ import annotations
 

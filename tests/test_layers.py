@@ -1,4 +1,4 @@
-"""The HS block against the spec (shared/design/hs-block.md), computed independently with functional ops."""
+"""The HS block against the spec (docs/architecture.md), computed independently with functional ops."""
 
 import math
 

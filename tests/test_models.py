@@ -55,7 +55,7 @@ def _meta(name: str, **kwargs) -> nn.Module:
 
 
 def _cascade_widths(width: int, s: int) -> list[int]:
-    """``c_2 = width``, ``c_i = width + floor(c_{i-1} / 2)`` (hs-block.md), written out independently."""
+    """``c_2 = width``, ``c_i = width + floor(c_{i-1} / 2)`` (docs/architecture.md), written out independently."""
     widths = [width]
     while len(widths) < s - 1:
         widths.append(width + widths[-1] // 2)
@@ -349,7 +349,7 @@ def test_bad_arguments_name_the_problem(name, kwargs, words):
     'kwargs', [dict(cardinality=2), dict(block_reduce_first=2), dict(aa_layer=nn.AvgPool2d), dict(block_args={})]
 )
 def test_resnet_arguments_the_block_cannot_honour_are_refused(kwargs):
-    """A block must use every argument it accepts, or refuse it (ecosystem.md, timm's Res2Net lesson)."""
+    """A block must use every argument it accepts, or refuse it (timm's Res2Net lesson)."""
     with pytest.raises(ValueError, match='HS'):
         _meta('hs_resnet26', **kwargs)
 

@@ -7,7 +7,7 @@ Conventions (docs/complexity.md derives every term):
   ``torch.utils.flop_counter.FlopCounterMode`` counts divided by 2. Norms, activations, pools, split/concat,
   residual adds and bias adds cost nothing in this convention.
 
-The closed form follows ``shared/design/hs-block.md`` and timm's ``ResNet`` (stem, max-pool, shortcuts, output
+The closed form follows the spec in ``docs/architecture.md`` and timm's ``ResNet`` (stem, max-pool, shortcuts, output
 stride, head) and takes the same keyword arguments as :class:`hsresnet.HSResNet`; :func:`count_complexity`
 counts a built model, on the meta device when possible. Tests check that both agree exactly.
 """

@@ -2,7 +2,7 @@
 
 Each bottleneck's 3x3 conv (``conv2``) becomes the HS block of Yuan et al. (arXiv 2010.07621, Sec. 3) and the 1x1
 convs around it are resized to ``s * width`` channels, with ``width = floor(planes * w / 64)`` as in
-``HSBottleneck`` (``shared/design/hs-block.md``). Which weights carry over is documented in ``docs/hsify.md``.
+``HSBottleneck`` (``docs/architecture.md``). Which weights carry over is documented in ``docs/hsify.md``.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _check_conv(conv: nn.Module, path: str, kernel: int) -> None:
 
 
 def _is_strided(block: nn.Module, next_block: Optional[nn.Module]) -> bool:
-    """Nominal downsampling position (hs-block.md): stride > 1, or the first block of a stage whose dilation grows.
+    """Nominal downsampling position (architecture.md): stride > 1, or the first block of a stage whose dilation grows.
 
     timm's Bottleneck stores its stage's dilation (``first_dilation != dilation`` marks that block, as in
     ``HSBottleneck``); torchvision's does not, so its next block in the stage, which has the grown dilation, tells.
@@ -236,7 +236,7 @@ def hsify(
     """Convert a torchvision or timm bottleneck ResNet/ResNeXt into its HS-ResNet counterpart, in place.
 
     In every bottleneck, ``conv2`` (the 3x3 conv) becomes an ``HSBlock``, or an ``HSStridedBlock`` at a nominal
-    downsampling position (hs-block.md); ``bn2`` becomes ``nn.Identity``; ``conv1``/``bn1`` and ``conv3``/``bn3``
+    downsampling position (architecture.md); ``bn2`` becomes ``nn.Identity``; ``conv1``/``bn1`` and ``conv3``/``bn3``
     are rebuilt for ``s * floor(planes * w / 64)`` channels when that differs from their old width. Norm class,
     activation, dilation, device, dtype, train/eval mode and ``requires_grad`` of the replaced layers are kept.
     Stem, shortcuts and head keep their weights (see docs/hsify.md). A converted timm ``resnet50`` has exactly the

@@ -1,8 +1,7 @@
 """The Hierarchical-Split block (Yuan et al., arXiv 2010.07621, Sec. 3) and its strided counterpart.
 
 Both map ``s * width`` channels to ``s * width`` channels, so either replaces the 3x3 conv of a ResNet
-bottleneck. The exact arithmetic is fixed by ``shared/design/hs-block.md`` and documented in
-``docs/architecture.md``.
+bottleneck. The exact arithmetic, including what the paper leaves open, is specified in ``docs/architecture.md``.
 """
 
 import inspect

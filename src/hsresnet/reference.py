@@ -1,6 +1,6 @@
 """A deliberately plain reference implementation of the HS block, written straight from the spec.
 
-``shared/design/hs-block.md`` (Yuan et al., arXiv 2010.07621, Sec. 3.1): split, loop, concat, nothing else. It
+``docs/architecture.md`` (Yuan et al., arXiv 2010.07621, Sec. 3.1): split, loop, concat, nothing else. It
 exists so that the production blocks in :mod:`hsresnet.layers` can be tested for equality against it and so that
 ``hsresnet benchmark`` can show the speed-up of the production block instead of claiming it. The modules take the
 same constructor arguments and load the same ``state_dict`` as :class:`~hsresnet.layers.HSBlock` and
