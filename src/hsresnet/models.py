@@ -99,7 +99,12 @@ class HSBottleneck(nn.Module):
     def _fuse_conv2_conv3(self, x: torch.Tensor) -> bool:
         """Eager training: conv3 can take the HS block's pieces without their concat being stored
         (``forward_into`` of the block)."""
-        return isinstance(self.drop_block, nn.Identity) and torch.is_grad_enabled() and not has_hooks(self.conv2)
+        return (
+            isinstance(self.conv2, (HSBlock, HSStridedBlock))
+            and isinstance(self.drop_block, nn.Identity)
+            and torch.is_grad_enabled()
+            and not has_hooks(self.conv2)
+        )
 
     @torch.jit.unused
     def _conv2_conv3(self, x: torch.Tensor) -> torch.Tensor:

@@ -121,10 +121,26 @@ def _f(value: Optional[float], digits: int = 2) -> str:
     return '-' if value is None else f'{value:.{digits}f}'
 
 
+def _digits(rows: List[Dict[str, Any]], metric: str) -> int:
+    """Two decimals for percentages, three for metrics on a 0-1 scale (AP, mIoU)."""
+    means = [abs(r[f'{metric}_mean']) for r in rows if r[f'{metric}_mean'] is not None]
+    return 3 if means and max(means) <= 1.5 else 2
+
+
+def _diff(r: Dict[str, Any], metric: str, digits: int) -> str:
+    """The paired difference to the reference and its interval, e.g. ``+0.40 [-1.87, +2.68]``."""
+    if r['reference'] or r[f'{metric}_diff_mean'] is None:
+        return '-'
+    low, high = r[f'{metric}_diff_low'], r[f'{metric}_diff_high']
+    interval = f' [{low:+.{digits}f}, {high:+.{digits}f}]' if low is not None else ''
+    return f'{r[f"{metric}_diff_mean"]:+.{digits}f}' + interval
+
+
 def markdown(name: str, exp: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     """The experiment's table: counts against the budget, throughput against the reference, each metric's mean,
     standard deviation, interval and paired difference to the reference."""
     metric, budget = exp['metrics'][0], exp['budget']
+    d = _digits(rows, metric)
     lines = [
         f'### {name}',
         '',
@@ -140,12 +156,9 @@ def markdown(name: str, exp: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     ]
     for r in rows:
         n = r[f'{metric}_n']
-        mean = f'{_f(r[f"{metric}_mean"])} ± {_f(r[f"{metric}_sd"])} ({n})' if n else '-'
-        ci = f'[{_f(r[f"{metric}_low"])}, {_f(r[f"{metric}_high"])}]' if r[f'{metric}_low'] is not None else '-'
-        diff = '-'
-        if not r['reference'] and r[f'{metric}_diff_mean'] is not None:
-            low, high = r[f'{metric}_diff_low'], r[f'{metric}_diff_high']
-            diff = f'{r[f"{metric}_diff_mean"]:+.2f}' + (f' [{low:+.2f}, {high:+.2f}]' if low is not None else '')
+        mean = f'{_f(r[f"{metric}_mean"], d)} ± {_f(r[f"{metric}_sd"], d)} ({n})' if n else '-'
+        ci = f'[{_f(r[f"{metric}_low"], d)}, {_f(r[f"{metric}_high"], d)}]' if r[f'{metric}_low'] is not None else '-'
+        diff = _diff(r, metric, d)
         lines.append(
             f'| `{r["model"]}` | {r["params_m"]:.3f} | {r["params_x"]:.3f} | {r["mmacs"]:.2f} | {r["macs_x"]:.3f} | '
             f'{_f(r["inference_images_per_s"], 0)} ({_f(r["inference_speed_x"])}) | '
@@ -153,9 +166,10 @@ def markdown(name: str, exp: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
             f'{r[f"{metric}_verdict"]} |'
         )
     for other in exp['metrics'][1:]:
+        d = _digits(rows, other)
         lines += ['', f'{other}: ' + '; '.join(
-            f'`{r["model"]}` {_f(r[f"{other}_mean"], 3)} ± {_f(r[f"{other}_sd"], 3)}'
-            + ('' if r['reference'] else f' ({r[f"{other}_verdict"]})')
+            f'`{r["model"]}` {_f(r[f"{other}_mean"], d)} ± {_f(r[f"{other}_sd"], d)}'
+            + ('' if r['reference'] else f', diff {_diff(r, other, d)} ({r[f"{other}_verdict"]})')
             for r in rows
         )]  # fmt: skip
     return '\n'.join(lines) + '\n'
