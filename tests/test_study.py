@@ -171,13 +171,20 @@ def test_mean_interval_and_verdict():
 
 
 @pytest.mark.slow
-def test_quick_study_file_plans():
-    """The committed quick study resolves: every width within its tolerance, every recipe present."""
-    study = load_study('configs/study/quick.yaml')
-    assert {'operators', 's_at_budget', 's_at_width'} <= set(study.experiments)
-    assert len({r.key for r in study.runs}) == len(study.runs)
-    for exp in study.experiments.values():
-        assert exp.recipe.is_file() and exp.models
+def test_quick_and_full_study_files_plan():
+    """The committed studies resolve: every width within its tolerance, every recipe present; the full study is the
+    quick one's grid with five seeds and longer recipes."""
+    quick, full = load_study('configs/study/quick.yaml'), load_study('configs/study/full.yaml')
+    assert {'operators', 's_at_budget', 's_at_width'} <= set(quick.experiments)
+    for study in (quick, full):
+        assert len({r.key for r in study.runs}) == len(study.runs)
+        for exp in study.experiments.values():
+            assert exp.recipe.is_file() and exp.models
+    assert set(full.experiments) == set(quick.experiments) and full.seeds == [0, 1, 2, 3, 4]
+    labels = {name: [m.label for m in exp.models] for name, exp in quick.experiments.items()}
+    assert labels == {name: [m.label for m in exp.models] for name, exp in full.experiments.items()}
+    trees = next(r for r in full.runs if r.key.startswith('trees_fasterrcnn/'))
+    assert trees.argv[trees.argv.index('--epochs') + 1] == '60'
 
 
 def _csv(path: Path):
