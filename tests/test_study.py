@@ -4,6 +4,8 @@ Fashion-MNIST subsets (skip, resume, stale runs, submitit's local executor) and 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,13 +94,21 @@ def test_plan_refuses_one_folder_for_two_different_runs(tmp_path):
 
 
 @pytest.mark.slow
+def study_cli(*args: str) -> str:
+    """``hsresnet study ...`` in its own process, as a user runs it; returns its output."""
+    done = subprocess.run([sys.executable, '-m', 'hsresnet.cli', 'study', *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 def test_run_skips_finished_resumes_partial_and_reports_what_finished(tmp_path):
     out = tmp_path / 'out'
-    study = load_study(write_study(tmp_path, {'ops': ops_experiment()}))
-    outcomes = run_study(study, out, jobs=2, threads=1, progress=False, log=lambda _: None)
-    assert sorted(code for _, code, _ in outcomes) == [0] * 5  # 2 models x 2 seeds and the benchmark
+    path = write_study(tmp_path, {'ops': ops_experiment()})
+    study = load_study(path)
+    run = ['run', str(path), '--output', str(out), '--jobs', '2', '--threads', '1', '--no-progress']
+    assert '5 run(s) finished, 0 failed' in study_cli(*run)  # 2 models x 2 seeds and the benchmark
     assert all(status(out, r) == 'done' for r in study.runs)
-    assert run_study(study, out, jobs=2, threads=1, progress=False) == []  # nothing left to do
+    assert '0 run(s) finished, 0 failed' in study_cli(*run)  # nothing left to do
 
     # a run killed after a checkpoint: no summary yet, its last checkpoint is resumed
     killed = next(r for r in study.runs if not r.is_benchmark)
@@ -111,8 +121,8 @@ def test_run_skips_finished_resumes_partial_and_reports_what_finished(tmp_path):
     rows = _csv(out / 'report' / 'runs.csv')
     assert len(rows) == 3 and {r['model'] for r in rows} == {m.label for m in study.experiments['ops'].models}
 
-    outcomes = run_study(study, out, jobs=2, threads=1, progress=False)
-    assert [(key, code) for key, code, _ in outcomes] == [(killed.key, 0)]
+    printed = study_cli(*run)
+    assert '1 run(s) finished, 0 failed' in printed and 'finished in' in printed and str(out / killed.key) in printed
     assert 'resumed from' in (out / killed.key / 'log.txt').read_text()
     assert (out / 'report' / 'ops.png').is_file()
 

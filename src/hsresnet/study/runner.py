@@ -78,7 +78,7 @@ def execute(out: Path, run: Run, threads: int, fresh: bool = False) -> Tuple[str
     with open(folder / LOG_FILE, 'a') as log:
         log.write(f'$ {" ".join(cmd)}\n')
         log.flush()
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         try:
             code = process.wait()
         except BaseException:  # interrupted: stop the run too; its checkpoint lets the next call resume it
