@@ -33,6 +33,15 @@ def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
 
 
+def copy_files(folder: Path, dest: Path) -> Path:
+    """A copy of the files (not the sub-folders) of ``folder`` in the new folder ``dest``."""
+    dest.mkdir()
+    for path in folder.iterdir():
+        if path.is_file():
+            (dest / path.name).write_bytes(path.read_bytes())
+    return dest
+
+
 def error(capsys) -> str:
     err = capsys.readouterr().err
     assert 'Traceback' not in err, err
@@ -114,11 +123,7 @@ def test_a_second_run_into_a_locked_folder_is_refused(tmp_path, capsys):
 
 
 def test_a_kill_between_the_two_renames_still_resumes(run, tmp_path):
-    killed = tmp_path / 'killed'
-    killed.mkdir()
-    for path in run.iterdir():
-        if path.is_file():
-            (killed / path.name).write_bytes(path.read_bytes())
+    killed = copy_files(run, tmp_path / 'killed')
     weights, _ = load_weights(killed / 'last.safetensors')  # the new weights file never replaced the old one
     save_weights(killed / 'last.safetensors', {k: torch.zeros_like(v) for k, v in weights.items()})
     assert train(killed, '--resume', str(killed), '--epochs', '2', '--model-ema') == 0
@@ -126,11 +131,7 @@ def test_a_kill_between_the_two_renames_still_resumes(run, tmp_path):
 
 
 def test_overwrite_leaves_no_file_of_the_replaced_run(run, tmp_path):
-    folder = tmp_path / 'again'
-    folder.mkdir()
-    for path in run.iterdir():
-        if path.is_file():
-            (folder / path.name).write_bytes(path.read_bytes())
+    folder = copy_files(run, tmp_path / 'again')
     (folder / 'predict').mkdir()  # a user's own folder inside the run is left alone
     assert (folder / 'model_ema.safetensors').is_file()
     assert train(folder, '--overwrite') == 0  # no EMA this time
