@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import ctypes
 import json
 import statistics
 
@@ -89,6 +90,25 @@ def test_benchmark_cli_inference_and_train(tmp_path, capsys):
     assert 'note: optimized, onnxruntime: inference only, not in train' in printed
 
 
+def signal_stack() -> tuple:
+    from hsresnet.benchmark import _SignalStack
+
+    stack = _SignalStack()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0
+    return stack.ss_sp, stack.ss_flags, stack.ss_size
+
+
+def test_kept_signal_stack_puts_the_old_one_back():
+    from hsresnet.benchmark import _SignalStack, kept_signal_stack
+
+    before = signal_stack()
+    other = ctypes.create_string_buffer(65536)
+    with kept_signal_stack():
+        assert ctypes.CDLL(None).sigaltstack(ctypes.byref(_SignalStack(ctypes.addressof(other), 0, 65536)), None) == 0
+        assert signal_stack()[0] == ctypes.addressof(other)
+    assert signal_stack() == before
+
+
 def test_benchmark_openvino_path(tmp_path):
     pytest.importorskip('openvino')
     out = tmp_path / 'r.json'
@@ -96,7 +116,10 @@ def test_benchmark_openvino_path(tmp_path):
             '--paths', 'eager', 'openvino', '--bench', 'inference', '-b', '2', '--img-size', '32', '--warmup', '1',
             '--repeats', '2', '--threads', '1', '--num-classes', '10', '--no-memory',
             '--results-file', str(out)]  # fmt: skip
+    stack = signal_stack()
     assert main(args) == 0
+    # OpenVINO leaves the thread on a signal stack it freed; a SIGCHLD handler (torch's DataLoader) then segfaults
+    assert signal_stack() == stack
     rows = {(r['model'], r['path']): r for r in json.loads(out.read_text())['results']}
     assert set(rows) == {(m, p) for m in ('resnet18', 'hs_resnet26') for p in ('eager', 'openvino')}
     for m in ('resnet18', 'hs_resnet26'):

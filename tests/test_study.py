@@ -4,7 +4,6 @@ Fashion-MNIST subsets (skip, resume, stale runs, submitit's local executor) and 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,10 +102,6 @@ def study_cli(*args: str) -> str:
 
 
 def test_run_skips_finished_resumes_partial_and_reports_what_finished(tmp_path):
-    if os.environ.get('PYTEST_XDIST_WORKER'):
-        # in the full suite under pytest-xdist the worker running this test dies (cause not found; it passes alone
-        # and beside any single other test tried): .ci/run runs it on its own after `make test`
-        pytest.skip('run on its own: pytest tests/test_study.py -k skips_finished')
     out = tmp_path / 'out'
     path = write_study(tmp_path, {'ops': ops_experiment()})
     study = load_study(path)

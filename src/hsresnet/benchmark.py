@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import datetime
+import gc
 import json
 import os
 import platform
@@ -37,7 +39,7 @@ import re
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -227,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         batch_sizes = sorted(set(args.batch_size) | ({1} if args.sweep else set()))
         for batch in batch_sizes:
-            group = bench_group([(s, p) for p in kind_paths for s in specs], kind, batch, device, args)
+            with kept_signal_stack():
+                group = bench_group([(s, p) for p in kind_paths for s in specs], kind, batch, device, args)
             print_table(group)
             if len(kind_paths) > 1:
                 print_paths_table(group, args.ratio_base)
@@ -348,6 +351,30 @@ def build(
         run = torch.compile(model, mode=args.torchcompile or 'default')
     batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in run.modules())
     return Built(model, run, type(run).__name__, batchnorms)
+
+
+class _SignalStack(ctypes.Structure):
+    _fields_ = [('ss_sp', ctypes.c_void_p), ('ss_flags', ctypes.c_int), ('ss_size', ctypes.c_size_t)]
+
+
+@contextmanager
+def kept_signal_stack():
+    """Give the calling thread back its alternate signal stack (``sigaltstack``) once the block's objects are freed.
+
+    OpenVINO's CPU plugin (2026.4) installs a signal stack of its own on the thread that compiles a model and, when
+    several compiled models are freed, can leave the thread pointing at freed memory. The next signal with a Python
+    handler then kills the process with SIGSEGV: torch's DataLoader sets one for SIGCHLD, so any child process that
+    ends after a benchmark in the same process (a data-loader worker, a subprocess) would crash it."""
+    libc = ctypes.CDLL(None, use_errno=True) if platform.system() == 'Linux' else None
+    before = _SignalStack()
+    if libc is None or libc.sigaltstack(None, ctypes.byref(before)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        gc.collect()  # free the runtime's objects first: their destructors may set the stack again
+        libc.sigaltstack(ctypes.byref(before), None)  # the old stack, or SS_DISABLE where there was none
 
 
 def exported_runner(
