@@ -320,3 +320,25 @@ def test_keep_freed_memory_stops_page_fault_churn():
     default, kept = faults('default'), faults('keep')
     # measured: about 40 000 faults in 5 steps with glibc's defaults, under 1 000 after the call
     assert kept * 4 < default, f'minor page faults in 5 steps: {default} with glibc defaults, {kept} after the call'
+
+
+def test_one_loader_for_every_task_reads_a_run_folders_best_weights(tmp_path):
+    from hsresnet.engine import load_trained_model, save_weights
+
+    run = tmp_path / 'run'
+    run.mkdir()
+    meta = {'task': 'segmentation', 'model': 'tiny'}
+    save_weights(run / 'last.safetensors', nn.Linear(2, 2).state_dict(), meta)
+    best = nn.Linear(2, 2).state_dict()
+    save_weights(run / 'model_best.safetensors', best, meta)
+    model, got = load_trained_model(run, 'segmentation', lambda m, w: nn.Linear(2, 2), 'hsresnet segment train')
+    assert got['checkpoint'] == str(run / 'model_best.safetensors') and not model.training
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+    (run / 'model_best.safetensors').unlink()  # no final weights: the last checkpoint
+    assert load_trained_model(run, 'segmentation', lambda m, w: nn.Linear(2, 2), '')[1]['checkpoint'].endswith(
+        'last.safetensors'
+    )
+    with pytest.raises(
+        ValueError, match=r"not a detection checkpoint \(task='segmentation'\).*`hsresnet detect train`"
+    ):
+        load_trained_model(run, 'detection', lambda m, w: nn.Linear(2, 2), 'hsresnet detect train')

@@ -402,23 +402,16 @@ def load_classifier(checkpoint: str, model_name: Optional[str] = None) -> Tuple[
     ``checkpoint``: a ``.safetensors`` file or a run directory (its ``model_best``, else ``model``, else ``last``).
     Returns (model, metadata); the metadata holds the classes and the preprocessing (img_size, mean, std ...).
     """
-    from ..engine import check_compatible, load_weights
+    from ..engine import load_trained_model
 
-    path = Path(checkpoint)
-    if path.is_dir():
-        for name in ('model_best.safetensors', 'model.safetensors', 'last.safetensors'):
-            if (path / name).is_file():
-                path = path / name
-                break
-    weights, meta = load_weights(path)
-    if meta.get('task', 'classification') != 'classification' or not meta.get('model') and not model_name:
-        raise ValueError(f'{path} is not a classification checkpoint written by `hsresnet train`.')
-    name = model_name or meta['model']
-    num_classes = int(meta.get('num_classes') or weights[next(k for k in weights if k.endswith('fc.weight'))].shape[0])
-    kwargs = json.loads(meta.get('model_kwargs') or '{}')
-    model = build_model(name, num_classes, int(meta.get('in_chans', 3)), [kwargs])
-    check_compatible(model, weights, str(path), meta)
-    model.load_state_dict(weights)
-    meta.setdefault('classes', [str(i) for i in range(num_classes)])
-    meta['checkpoint'] = str(path)
-    return model.eval(), meta
+    def build(meta: Dict[str, Any], weights: Dict[str, torch.Tensor]) -> nn.Module:
+        if not meta.get('model') and not model_name:
+            raise ValueError(f'{checkpoint} is not a classification checkpoint written by `hsresnet train`.')
+        num_classes = int(
+            meta.get('num_classes') or weights[next(k for k in weights if k.endswith('fc.weight'))].shape[0]
+        )
+        kwargs = json.loads(meta.get('model_kwargs') or '{}')
+        meta.setdefault('classes', [str(i) for i in range(num_classes)])
+        return build_model(model_name or meta['model'], num_classes, int(meta.get('in_chans', 3)), [kwargs])
+
+    return load_trained_model(checkpoint, 'classification', build, 'hsresnet train')

@@ -22,10 +22,9 @@ import torch
 from ..engine import (
     add_config_argument,
     add_engine_arguments,
-    check_compatible,
     fit,
     init_distributed,
-    load_weights,
+    load_trained_model,
     make_loader,
     parse_kwargs,
     resolve_config,
@@ -203,16 +202,11 @@ def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_detector_checkpoint(path: str) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """Rebuild the detector a checkpoint was trained as (from its header) and load its weights strictly."""
-    weights, meta = load_weights(path)
-    if meta.get('task') != 'detection':
-        raise ValueError(
-            f'{path} is not a detection checkpoint (task={meta.get("task")!r}): pass a run directory or '
-            f'.safetensors file written by `hsresnet detect train`.'
-        )
-    model = create_detector(meta['model'], **detector_kwargs(meta, int(meta['num_classes'])))
-    check_compatible(model, weights, str(path), meta)
-    model.load_state_dict(weights)
-    return model.eval(), meta
+
+    def build(meta: Dict[str, Any], _) -> torch.nn.Module:
+        return create_detector(meta['model'], **detector_kwargs(meta, int(meta['num_classes'])))
+
+    return load_trained_model(path, 'detection', build, 'hsresnet detect train')
 
 
 def _log_to_stderr() -> None:

@@ -7,7 +7,15 @@ progress bars, CSV/TensorBoard/PNG records and the final JSON summary. A command
 ``resolve_config(args, parser)`` (YAML under typed flags) and ``fit``.
 """
 
-from .checkpoint import CheckpointError, check_compatible, load_checkpoint, load_weights, save_checkpoint, save_weights
+from .checkpoint import (
+    CheckpointError,
+    check_compatible,
+    load_checkpoint,
+    load_trained_model,
+    load_weights,
+    save_checkpoint,
+    save_weights,
+)
 from .config import (
     add_amp_arguments,
     add_config_argument,
@@ -40,6 +48,7 @@ __all__ = [
     'fit',
     'init_distributed',
     'load_checkpoint',
+    'load_trained_model',
     'load_weights',
     'load_yaml_config',
     'make_loader',

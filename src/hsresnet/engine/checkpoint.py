@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError
@@ -168,6 +168,30 @@ def check_compatible(model: nn.Module, weights: Mapping[str, torch.Tensor], sour
             f'checkpoint {source} (made for {what}, num_classes={meta.get("num_classes")}) does not fit the model '
             f'being built: {details}. Use the same --model, --model-kwargs and class count as the run that saved it.'
         )
+
+
+def load_trained_model(
+    path: str | Path, task: str, build: Callable[[Dict[str, Any], Dict[str, torch.Tensor]], nn.Module], command: str
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild the model a ``task`` checkpoint was trained as (``build(metadata, weights)``) and load its weights
+    strictly -> (model in eval mode, metadata with ``checkpoint``: the file read). ``path``: a ``.safetensors`` file,
+    a stem, or a run directory (its ``model_best``, else ``model``, else ``last``). ``command`` writes such files."""
+    path = Path(path)
+    if path.is_dir():  # its final weights, else its last checkpoint
+        finals = [path / f'{name}{WEIGHTS_SUFFIX}' for name in ('model_best', 'model')]
+        path = next((final for final in finals if final.is_file()), path)
+    path = resolve_checkpoint_path(path)
+    weights, meta = load_weights(path)
+    if meta.get('task', 'classification') != task:
+        raise ValueError(
+            f'{path} is not a {task} checkpoint (task={meta.get("task")!r}): pass a run directory or .safetensors '
+            f'file written by `{command}`.'
+        )
+    model = build(meta, weights)
+    check_compatible(model, weights, str(path), meta)
+    model.load_state_dict(weights)
+    meta['checkpoint'] = str(path)
+    return model.eval(), meta
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path, skip: Tuple[str, ...], hint: str) -> None:

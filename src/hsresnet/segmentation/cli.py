@@ -18,10 +18,9 @@ from ..engine import (
     add_config_argument,
     add_engine_arguments,
     autocast,
-    check_compatible,
     fit,
     init_distributed,
-    load_weights,
+    load_trained_model,
     make_loader,
     parse_kwargs,
     resolve_config,
@@ -132,16 +131,9 @@ def _crop_size(values) -> int | Tuple[int, int]:
 
 def load_segmentation_checkpoint(path: str) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """Rebuild the model a checkpoint was trained as (from its header) and load its weights strictly."""
-    weights, meta = load_weights(path)
-    if meta.get('task') != 'segmentation':
-        raise ValueError(
-            f'{path} is not a segmentation checkpoint (task={meta.get("task")!r}): pass a run directory or '
-            '.safetensors file written by `hsresnet segment train`.'
-        )
-    model = build_segmentation_model(meta)
-    check_compatible(model, weights, str(path), meta)
-    model.load_state_dict(weights)
-    return model.eval(), meta
+    return load_trained_model(
+        path, 'segmentation', lambda meta, _: build_segmentation_model(meta), 'hsresnet segment train'
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
