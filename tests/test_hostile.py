@@ -382,3 +382,33 @@ def test_a_launchers_log_and_record_do_not_block_the_run_it_starts(tmp_path):
     assert train(folder) == 0
     assert {'log.txt', 'study_run.json', 'config.json', 'summary.json'} <= {p.name for p in folder.iterdir()}
     assert (folder / 'log.txt').read_text() == '$ hsresnet train ...\n'  # the launcher's log is never removed
+
+
+@pytest.mark.parametrize('reader', ['classification', 'detection', 'segmentation'])
+def test_every_task_reads_16_bit_and_transparent_images_the_same_way(tmp_path, reader):
+    """One image reader (``hsresnet.images.to_mode``): a 16-bit TIFF is stretched min..max, not clipped to white, and
+    transparency is composited over white, in every task."""
+    import numpy as np
+    from PIL import Image
+
+    from hsresnet.images import to_mode
+
+    grey = np.array([[1000, 3000], [5000, 9000]], dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / 'a.tif')
+    Image.new('RGBA', (2, 2), (0, 0, 0, 0)).save(tmp_path / 'b.png')
+    if reader == 'classification':
+        read = lambda p: np.asarray(to_mode(Image.open(p), 3))  # noqa: E731
+    elif reader == 'detection':
+        from hsresnet.detection.predict import _read_rgb
+
+        read = lambda p: _read_rgb(p).permute(1, 2, 0).numpy()  # noqa: E731
+    else:
+        from hsresnet.segmentation.predict import _load_rgb
+
+        read = lambda p: np.asarray(_load_rgb(p))  # noqa: E731
+    stretched = read(tmp_path / 'a.tif')
+    assert (
+        stretched.shape == (2, 2, 3) and stretched[0, 0].tolist() == [0, 0, 0] and stretched[1, 1].tolist() == [255] * 3
+    )
+    assert 0 < stretched[0, 1, 0] < stretched[1, 0, 0] < 255
+    assert (read(tmp_path / 'b.png') == 255).all()

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from .complexity import count_complexity
 from .engine.allocator import keep_freed_memory
 from .engine.logs import write_csv
+from .factory import check_model_name
 from .optimize import fast_bf16_available
 
 BASELINES = ('resnet50', 'resnet50d', 'res2net50_26w_4s')
@@ -173,7 +174,6 @@ def check_paths(paths: Sequence[str], args: argparse.Namespace, device: torch.de
 
 
 def run(args: argparse.Namespace) -> int:
-    import timm
 
     import hsresnet  # noqa: F401  (registers the hs_resnet* models)
 
@@ -196,7 +196,6 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit('hsresnet benchmark: -b, --repeats, --iters and --in-chans must be >= 1, --img-size >= 8.')
     paths = resolve_paths(args)
     check_paths(paths, args, device)
-    known = set(timm.list_models())
     if args.sweep:
         specs = sweep_specs()
     else:
@@ -207,9 +206,11 @@ def run(args: argparse.Namespace) -> int:
             spec = model_spec(n)
             if spec['model'].startswith('hs_') and not args.no_reference:
                 specs.append({'name': f'{n}@reference', **spec, 'reference': True})
-    unknown = sorted({s['model'] for s in specs} - known)
-    if unknown:
-        raise SystemExit(f'hsresnet benchmark: unknown model(s) {unknown}; see timm.list_models("hs_*").')
+    for name in dict.fromkeys(s['model'] for s in specs):
+        try:
+            check_model_name(name)
+        except ValueError as err:
+            raise SystemExit(f'hsresnet benchmark: {err}') from None
 
     meta = machine_info(device, args)
     meta['paths'] = paths

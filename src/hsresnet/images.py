@@ -6,13 +6,14 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 
 def check_image(path: Path) -> Optional[str]:
     """None when ``path`` opens as an image, else the reason (PIL's header check, without decoding the pixels)."""
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             img.verify()
@@ -48,3 +49,19 @@ def readable(
         except (OSError, ValueError, SyntaxError) as err:
             skipped.append({'path': str(path), 'reason': str(err)})
             print(f'{prog}: skipped {path}: {err}', file=sys.stderr)
+
+
+def to_mode(img: Image.Image, in_chans: int = 3) -> Image.Image:
+    """Any PIL mode -> 'L' (1 channel) or 'RGB' (3 channels), the one conversion every task uses: 16-bit, 32-bit and
+    float grey (microscopy TIFFs) stretched min..max to 0..255, transparency composited over white."""
+    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
+        arr = np.asarray(img, dtype=np.float32)
+        span = float(arr.max() - arr.min()) or 1.0
+        img = Image.fromarray(((arr - arr.min()) * (255.0 / span)).astype(np.uint8), mode='L')
+    if img.mode == 'P':
+        img = img.convert('RGBA')
+    if img.mode in ('RGBA', 'LA', 'PA'):
+        rgba = img.convert('RGBA')
+        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert('L' if in_chans == 1 else 'RGB')

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..images import check_image
+from ..images import IMAGE_SUFFIXES, check_image, to_mode
 
 _log = logging.getLogger('hsresnet')
 
@@ -46,7 +46,6 @@ FASHION_MNIST_MISSING = (
     '(puts the idx .gz files in /usr/share/datasets/fashion-mnist), or pass --data-dir pointing at a folder '
     'with train-images-idx3-ubyte(.gz) and the other three idx files.'
 )
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 
 def _find_idx(folder: Path, stem: str) -> Optional[Path]:
@@ -146,21 +145,6 @@ class ArrayTransform:
         return self.erase(x) if self.erase is not None else x
 
 
-def to_mode(img: Image.Image, in_chans: int) -> Image.Image:
-    """Grey/RGB/RGBA/palette/16-bit -> 'L' (1 channel) or 'RGB' (3 channels); transparency over white."""
-    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
-        arr = np.asarray(img, dtype=np.float32)
-        span = float(arr.max() - arr.min()) or 1.0
-        img = Image.fromarray(((arr - arr.min()) * (255.0 / span)).astype(np.uint8), mode='L')
-    if img.mode == 'P':
-        img = img.convert('RGBA')
-    if img.mode in ('RGBA', 'LA', 'PA'):
-        rgba = img.convert('RGBA')
-        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert('L' if in_chans == 1 else 'RGB')
-
-
 @dataclass
 class FolderSplit:
     samples: List[Tuple[Path, int]]
@@ -193,8 +177,8 @@ def scan_folder(root: Path, classes: Optional[Sequence[str]] = None, verify: boo
         for p in sorted((root / c).rglob('*'))
         if p.is_file() and not p.name.startswith('.')
     ]
-    candidates = [(p, y) for p, y in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    bad = [(p, 'not an image file extension') for p, y in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+    candidates = [(p, y) for p, y in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    bad = [(p, 'not an image file extension') for p, y in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     if verify:
         with ThreadPoolExecutor(max_workers=8) as pool:
             reasons = list(pool.map(check_image, [p for p, _ in candidates]))

@@ -17,7 +17,7 @@ import torch
 from ..engine import write_json
 from ..engine.config import POSITIVE_INT
 from ..engine.distributed import resolve_device
-from .data import check_image, to_mode
+from ..images import check_image, to_mode
 from .task import load_classifier
 
 

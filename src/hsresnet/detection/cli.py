@@ -222,9 +222,11 @@ def _train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args, args._parser)
     cfg.backbone_kwargs = parse_kwargs(cfg.backbone_kwargs)
     cfg.detector_kwargs = parse_kwargs(cfg.detector_kwargs)
+    info = init_distributed(cfg.device)
     summary = fit(DetectionTask(cfg), cfg)
-    keys = [k for k in ('bbox_AP', 'bbox_AP50', 'segm_AP', 'segm_AP50', 'train_time_s') if k in summary]
-    print(json.dumps({k: summary[k] for k in keys + [k for k in summary if k.startswith('best_')]}))
+    if info.is_main:  # under torchrun every rank returns the summary
+        keys = [k for k in ('bbox_AP', 'bbox_AP50', 'segm_AP', 'segm_AP50', 'train_time_s') if k in summary]
+        print(json.dumps({k: summary[k] for k in keys + [k for k in summary if k.startswith('best_')]}))
     return 0
 
 

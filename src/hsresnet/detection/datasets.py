@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..images import IMAGE_SUFFIXES
+from ..images import IMAGE_SUFFIXES, to_mode
 from .transforms import to_tv_tensors
 
 __all__ = ['CocoDetection', 'collate_fn', 'load_coco_json', 'voc_dataset', 'voc_to_coco']
@@ -182,7 +182,8 @@ class CocoDetection(Dataset):
         path = self.image_dir / info['file_name']
         if not path.is_file():
             raise FileNotFoundError(f'{self.name}: image {path} (image_id {image_id}) does not exist.')
-        image = Image.open(path).convert('RGB')
+        with Image.open(path) as img:
+            image = to_mode(img)
         if image.size != (info['width'], info['height']):
             raise ValueError(
                 f'{self.name}: image {path} is {image.size[0]}x{image.size[1]} but its entry says '

@@ -29,6 +29,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..engine.checkpoint import load_backbone_weights
+from ..factory import check_model_name
 
 __all__ = [
     'DETECTORS',
@@ -86,11 +87,7 @@ def timm_fpn_backbone(
     ``trainable_layers`` (0-5) follows torchvision: the last ``k`` stages train, 5 also trains the stem. The
     defaults follow torchvision's rule: with a checkpoint, frozen BN and 3 trainable stages, else trainable BN and 5.
     """
-    if name not in timm.list_models():
-        raise ValueError(
-            f'unknown backbone {name!r}: pass a timm model name, e.g. hs_resnet50, hs_resnet26, resnet50, '
-            f'resnet50d or res2net50_26w_4s (see `timm.list_models()`).'
-        )
+    check_model_name(name, 'backbone')
     trained = checkpoint is not None
     trainable_layers = (3 if trained else 5) if trainable_layers is None else trainable_layers
     frozen_bn = trained if frozen_bn is None else frozen_bn

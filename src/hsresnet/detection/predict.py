@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ..images import find_images, readable
+from ..images import find_images, readable, to_mode
 
 __all__ = ['find_images', 'draw_detections', 'predict_images']
 
@@ -118,6 +118,6 @@ def _read_rgb(path: Path) -> torch.Tensor:
     """An image file as a uint8 (3, H, W) tensor."""
     try:
         with Image.open(path) as img:
-            return torch.from_numpy(np.array(img.convert('RGB'))).permute(2, 0, 1)
+            return torch.from_numpy(np.array(to_mode(img))).permute(2, 0, 1)
     except OSError as err:
         raise ValueError(f'not a readable image ({err})') from None

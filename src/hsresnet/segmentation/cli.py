@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -141,8 +140,9 @@ def _train(args: argparse.Namespace) -> int:
     cfg.crop_size = _crop_size(cfg.crop_size)
     kwargs = cfg.backbone_kwargs
     cfg.backbone_kwargs = dict(kwargs) if isinstance(kwargs, dict) else parse_kwargs(kwargs)  # YAML dict or K=V
+    info = init_distributed(cfg.device)
     summary = fit(SegmentationTask(cfg), cfg)
-    if int(os.environ.get('RANK', '0')) == 0:  # under torchrun every rank returns the summary
+    if info.is_main:  # under torchrun every rank returns the summary
         print(json.dumps({k: summary.get(k) for k in ('miou', 'pixel_acc', 'best_miou', 'train_time_s')}))
     return 0
 

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..images import IMAGE_SUFFIXES, check_image
+from ..images import IMAGE_SUFFIXES, check_image, to_mode
 
 _log = logging.getLogger('hsresnet')
 
@@ -68,7 +68,7 @@ PairTransform = Callable[[tv_tensors.Image, tv_tensors.Mask], Sample]
 def _read_pair(image_path: Path, mask_path: Path) -> Tuple[tv_tensors.Image, np.ndarray]:
     """Read an image as RGB uint8 and its single-channel mask; refuse a mask whose size differs from the image."""
     with Image.open(image_path) as im:
-        image = im.convert('RGB') if im.mode in ('RGB', 'L', 'P', 'RGBA', 'LA', 'CMYK') else _to_rgb8(im)
+        image = to_mode(im)
     with Image.open(mask_path) as m:
         if m.mode not in ('L', 'P', 'I', 'I;16', '1'):
             raise ValueError(
@@ -85,14 +85,6 @@ def _read_pair(image_path: Path, mask_path: Path) -> Tuple[tv_tensors.Image, np.
         raise ValueError(f'Mask {mask_path} holds value {int(mask.max())} > {IGNORE_INDEX}; class ids must be 0..255.')
     array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     return tv_tensors.Image(array), mask.astype(np.uint8)
-
-
-def _to_rgb8(im: Image.Image) -> Image.Image:
-    """16-bit / float grey images (microscopy TIFFs): stretch min..max to 0..255 and replicate to RGB."""
-    a = np.asarray(im, dtype=np.float32)
-    lo, hi = float(a.min()), float(a.max())
-    a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-    return Image.fromarray(a.astype(np.uint8)).convert('RGB')
 
 
 class _PairDataset(Dataset):

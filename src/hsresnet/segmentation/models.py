@@ -21,6 +21,7 @@ from timm.layers import freeze_batch_norm_2d
 import hsresnet  # noqa: F401  (registers the hs_resnet* models into timm)
 
 from ..engine.checkpoint import load_backbone_weights
+from ..factory import check_model_name
 from .data import pad_to_multiple
 
 __all__ = [
@@ -69,11 +70,7 @@ def deeplabv3plus(
     """
     if output_stride not in (8, 16):
         raise ValueError(f'DeepLabV3+: output_stride={output_stride!r} is invalid; choose 16 (default) or 8.')
-    if not timm.is_model(backbone):
-        raise ValueError(
-            f'Unknown backbone {backbone!r}: use a timm model name, e.g. hs_resnet50 or one of {BASELINES} '
-            f'(`timm.list_models("hs_resnet*")` lists the HS-ResNets).'
-        )
+    check_model_name(backbone, 'backbone')
     if num_classes < 1:
         raise ValueError(f'num_classes={num_classes} must be >= 1.')
     model = smp.DeepLabV3Plus(

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..images import find_images, readable
-from .data import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, _to_rgb8
+from ..images import find_images, readable, to_mode
+from .data import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 from .models import predict_logits
 
 __all__ = ['palette_for', 'overlay', 'find_images', 'predict_images']
@@ -46,7 +46,7 @@ def overlay(image: Image.Image, labels: np.ndarray, palette: Sequence[Tuple[int,
 def _load_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
-            return im.convert('RGB') if im.mode in ('RGB', 'L', 'P', 'RGBA', 'LA', 'CMYK') else _to_rgb8(im)
+            return to_mode(im)
     except OSError as err:
         raise ValueError(f'not a readable image ({err})') from None
 
