@@ -1,8 +1,10 @@
-"""``create_model``: timm's factory with the one error that names an unknown model and suggests close names."""
+"""``create_model``: timm's factory with the one error that names an unknown model and suggests close names; and
+``freeze_stages``, the one stage freezer of the detection and segmentation backbones."""
 
 from __future__ import annotations
 
 import difflib
+from typing import Sequence
 
 import timm
 import torch.nn as nn
@@ -27,3 +29,20 @@ def create_model(name: str, **kwargs) -> nn.Module:
     """
     check_model_name(name)
     return timm.create_model(name, **kwargs)
+
+
+def freeze_stages(model: nn.Module, stages: Sequence[str], trainable_layers: int) -> None:
+    """Stop gradients to all but the last ``trainable_layers`` of ``stages`` (direct children of ``model``), counted
+    from the deepest, as torchvision's detection builders do: one more than ``len(stages)`` also trains the stem, every
+    child before the first stage."""
+    if not 0 <= trainable_layers <= len(stages) + 1:
+        raise ValueError(
+            f'trainable_layers={trainable_layers} is invalid: choose 0-{len(stages) + 1} (as torchvision; '
+            f'{len(stages) + 1} trains the whole backbone, stem included).'
+        )
+    children = [name for name, _ in model.named_children()]
+    stem = children[: children.index(stages[0])]
+    trained = list(reversed(stages))[:trainable_layers] + (stem if trainable_layers > len(stages) else [])
+    for name, param in model.named_parameters():
+        if name.split('.')[0] not in trained:
+            param.requires_grad_(False)

@@ -29,7 +29,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..engine.checkpoint import load_backbone_weights
-from ..factory import check_model_name
+from ..factory import check_model_name, freeze_stages
 
 __all__ = [
     'DETECTORS',
@@ -91,19 +91,13 @@ def timm_fpn_backbone(
     trained = checkpoint is not None
     trainable_layers = (3 if trained else 5) if trainable_layers is None else trainable_layers
     frozen_bn = trained if frozen_bn is None else frozen_bn
-    if not 0 <= trainable_layers <= 5:
-        raise ValueError(f'trainable_layers={trainable_layers} is invalid: choose 0-5 (as torchvision).')
     model = timm.create_model(name, pretrained=False, **(backbone_kwargs or {}))
     if checkpoint is not None:
         load_backbone_checkpoint(model, checkpoint)
     stages = _stage_names(model, name)
     if frozen_bn:
         model = freeze_batch_norm_2d(model)
-    stem = [n for n, _ in model.named_children()][: [n for n, _ in model.named_children()].index(stages[0])]
-    train_prefixes = list(reversed(stages))[:trainable_layers] + (stem if trainable_layers == 5 else [])
-    for pname, param in model.named_parameters():
-        if not any(pname == p or pname.startswith(p + '.') for p in train_prefixes):
-            param.requires_grad_(False)
+    freeze_stages(model, stages, trainable_layers)
     channels = {f['module']: f['num_chs'] for f in model.feature_info}
     backbone = BackboneWithFPN(
         model,

@@ -21,7 +21,7 @@ from timm.layers import freeze_batch_norm_2d
 import hsresnet  # noqa: F401  (registers the hs_resnet* models into timm)
 
 from ..engine.checkpoint import load_backbone_weights
-from ..factory import check_model_name
+from ..factory import check_model_name, freeze_stages
 from .data import pad_to_multiple
 
 __all__ = [
@@ -29,13 +29,11 @@ __all__ = [
     'deeplabv3plus_hs_resnet50',
     'backbone_mean_std',
     'load_backbone_checkpoint',
-    'freeze_stages',
     'predict_logits',
     'BASELINES',
 ]
 
 BASELINES = ('resnet50', 'resnet50d', 'res2net50_26w_4s')
-STAGES = ('conv1', 'bn1', 'layer1', 'layer2', 'layer3', 'layer4')  # timm ResNet names; stem = conv1 + bn1
 
 
 def backbone_mean_std(backbone: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -85,7 +83,7 @@ def deeplabv3plus(
         load_backbone_checkpoint(model, checkpoint, backbone)
     if frozen_bn:
         model.encoder.model = freeze_batch_norm_2d(model.encoder.model)
-    freeze_stages(model, trainable_layers)
+    freeze_stages(model.encoder.model, ('layer1', 'layer2', 'layer3', 'layer4'), trainable_layers)
     model.backbone_name = backbone
     model.mean, model.std = backbone_mean_std(backbone)
     return model
@@ -94,18 +92,6 @@ def deeplabv3plus(
 def deeplabv3plus_hs_resnet50(num_classes: int = 19, output_stride: int = 16, **kwargs: Any) -> smp.DeepLabV3Plus:
     """DeepLabV3+ on HS-ResNet-50 (w=18, s=5), output stride 16 by default: the paper's Cityscapes model."""
     return deeplabv3plus('hs_resnet50', num_classes, output_stride, **kwargs)
-
-
-def freeze_stages(model: smp.DeepLabV3Plus, trainable_layers: int) -> None:
-    """Stop gradients to all but the last ``trainable_layers`` encoder stages (stem counts as one; 5 = all)."""
-    if not 0 <= trainable_layers <= 5:
-        raise ValueError(f'trainable_layers={trainable_layers} must be in 0..5 (5 = the whole encoder trains).')
-    trainable = ('layer4', 'layer3', 'layer2', 'layer1', 'conv1')[:trainable_layers]
-    if 'conv1' in trainable:
-        trainable += ('bn1',)
-    for name, param in model.encoder.model.named_parameters():
-        if not name.startswith(trainable) and name.split('.')[0] in STAGES:
-            param.requires_grad_(False)
 
 
 def load_backbone_checkpoint(model: smp.DeepLabV3Plus, path: str | Path, backbone: str = '') -> None:
