@@ -22,6 +22,7 @@ from typing import Any, Dict
 import torch
 
 from ..engine import save_weights, write_json
+from ..engine.checkpoint import CHECKPOINT_HELP
 from ..engine.config import POSITIVE, POSITIVE_INT
 from ..engine.outputs import EXPORT_RECORD, claim_export_folder
 from .task import load_classifier
@@ -31,7 +32,7 @@ BF16_ATOL = 5e-2  # bf16 keeps 8 bits of mantissa: logits move by about 1 % of t
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('checkpoint', help='a .safetensors checkpoint from `hsresnet train`, or its run directory.')
+    parser.add_argument('checkpoint', help=CHECKPOINT_HELP)
     parser.add_argument('--output', required=True, help='folder for model.safetensors, model.ts and model.onnx.')
     parser.add_argument('--overwrite', action='store_true', help='replace an earlier export in --output.')
     parser.add_argument('--formats', nargs='+', default=list(FORMATS), choices=FORMATS, help='what to export.')

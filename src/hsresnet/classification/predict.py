@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from ..engine import write_json
+from ..engine.checkpoint import CHECKPOINT_HELP
 from ..engine.config import POSITIVE_INT
 from ..engine.distributed import resolve_device
 from ..images import check_image, to_mode
@@ -23,7 +24,7 @@ from .task import load_classifier
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('inputs', nargs='+', help='image files and/or folders.')
-    parser.add_argument('--checkpoint', required=True, help='a .safetensors checkpoint or a run directory.')
+    parser.add_argument('--checkpoint', required=True, help=CHECKPOINT_HELP)
     parser.add_argument('--topk', type=POSITIVE_INT, default=5, help='how many classes per image.')
     parser.add_argument('-b', '--batch-size', type=POSITIVE_INT, default=64, help='images per forward pass.')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'.")

@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 
 from ..engine import add_amp_arguments, autocast, count_params, make_loader, write_csv, write_json
+from ..engine.checkpoint import CHECKPOINT_HELP
 from ..engine.config import NON_NEGATIVE_INT, POSITIVE_INT
 from ..engine.distributed import cleanup_distributed, init_distributed
 from .task import ClassificationTask, add_data_arguments, load_classifier
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('checkpoint', help='a .safetensors checkpoint from `hsresnet train`, or its run directory.')
+    parser.add_argument('checkpoint', help=CHECKPOINT_HELP)
     add_data_arguments(parser, training=False)
     parser.add_argument('-b', '--batch-size', type=POSITIVE_INT, default=256, help='batch size.')
     parser.add_argument('-j', '--workers', type=NON_NEGATIVE_INT, default=2, help='data loading processes.')

@@ -31,6 +31,7 @@ from ..engine import (
     track_explicit_flags,
     write_json,
 )
+from ..engine.checkpoint import CHECKPOINT_HELP
 from ..engine.config import NON_NEGATIVE_INT, POSITIVE_INT, PROBABILITY
 from ..engine.distributed import cleanup_distributed
 from .datasets import collate_fn
@@ -175,7 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ev.add_argument('--checkpoint', required=True, help='run directory, checkpoint stem or .safetensors file.')
+    ev.add_argument('--checkpoint', required=True, help=CHECKPOINT_HELP)
     _add_data_arguments(ev, train=False)
     ev.add_argument('-b', '--batch-size', type=POSITIVE_INT, default=2, help='batch size (default: 2).')
     ev.add_argument('-j', '--workers', type=NON_NEGATIVE_INT, default=2, help='data loading processes.')
@@ -188,7 +189,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    pr.add_argument('--checkpoint', required=True, help='run directory, checkpoint stem or .safetensors file.')
+    pr.add_argument('--checkpoint', required=True, help=CHECKPOINT_HELP)
     pr.add_argument('inputs', nargs='+', help='image files or folders of images.')
     pr.add_argument('--output', default='runs/detect_predict', help='folder for the PNGs and predictions.json.')
     pr.add_argument('--score-thresh', type=PROBABILITY, default=0.5, help='keep detections with at least this score.')

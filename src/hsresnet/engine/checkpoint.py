@@ -170,6 +170,9 @@ def check_compatible(model: nn.Module, weights: Mapping[str, torch.Tensor], sour
         )
 
 
+CHECKPOINT_HELP = 'a .safetensors file, a checkpoint stem, or a run directory (its model_best, else model, else last).'
+
+
 def load_trained_model(
     path: str | Path, task: str, build: Callable[[Dict[str, Any], Dict[str, torch.Tensor]], nn.Module], command: str
 ) -> Tuple[nn.Module, Dict[str, Any]]:

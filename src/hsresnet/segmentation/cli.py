@@ -26,6 +26,7 @@ from ..engine import (
     track_explicit_flags,
     write_json,
 )
+from ..engine.checkpoint import CHECKPOINT_HELP
 from ..engine.config import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, int_at_least
 from ..engine.distributed import cleanup_distributed, resolve_device
 from .data import SegmentationTransform, build_dataset, pad_collate
@@ -105,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.set_defaults(**TRAIN_DEFAULTS, _parser=train)  # the parser types YAML values (resolve_config)
 
     ev = sub.add_parser('eval', help='mIoU / pixel accuracy / per-class IoU of a checkpoint', description=__doc__)
-    ev.add_argument('--checkpoint', required=True, help='run directory, checkpoint stem or .safetensors file.')
+    ev.add_argument('--checkpoint', required=True, help=CHECKPOINT_HELP)
     _add_eval_data_arguments(ev)
     ev.add_argument('-b', '--batch-size', type=POSITIVE_INT, default=1, help='batch size (default: 1).')
     ev.add_argument('--output', default=None, help='write the metrics to this JSON file.')
@@ -113,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pr = sub.add_parser(
         'predict', help='segment images: overlay PNGs, mask PNGs, predictions.json', description=__doc__
     )
-    pr.add_argument('--checkpoint', required=True, help='run directory, checkpoint stem or .safetensors file.')
+    pr.add_argument('--checkpoint', required=True, help=CHECKPOINT_HELP)
     pr.add_argument('inputs', nargs='+', help='image files or folders of images.')
     pr.add_argument('--output', default='runs/segment_predict', help='folder for the PNGs and predictions.json.')
     pr.add_argument('--alpha', type=PROBABILITY, default=0.5, help='overlay opacity of the class colours.')
