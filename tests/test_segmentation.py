@@ -197,7 +197,7 @@ def test_classification_checkpoint_loads_strictly(tmp_path):
         ValueError,
         match=r'does not match the backbone: missing keys \[\w.* unexpected keys \[\w.*--backbone hs_resnet26',
     ):
-        load_backbone_checkpoint(deeplabv3plus('hs_resnet26'), other, 'hs_resnet26')
+        load_backbone_checkpoint(deeplabv3plus('hs_resnet26').encoder.model, other, 'hs_resnet26')
 
 
 def _ddp_metric_worker(rank: int, world: int, init: str, preds: torch.Tensor, target: torch.Tensor, out: str) -> None:

@@ -28,7 +28,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..engine.checkpoint import load_backbone_weights
+from ..engine.checkpoint import load_backbone_checkpoint
 from ..factory import check_model_name, freeze_stages
 
 __all__ = [
@@ -58,22 +58,6 @@ def _stage_names(model: nn.Module, name: str) -> List[str]:
     return names
 
 
-def _classifier_prefixes(model: nn.Module) -> Tuple[str, ...]:
-    classifier = model.pretrained_cfg.get('classifier', 'fc')
-    names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
-    return tuple(f'{n}.' for n in names)
-
-
-def load_backbone_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load a classification checkpoint into the timm backbone ``model``, strictly; only its classifier
-    (``pretrained_cfg['classifier']``, e.g. ``fc.*``) may differ or be missing, because a detector drops it."""
-    load_backbone_weights(
-        model, path, _classifier_prefixes(model),
-        f'Build the detector with the same --backbone ({model.pretrained_cfg.get("architecture", "?")}) and '
-        '--backbone-kwargs (w, s, ...) as the classification run that wrote it.',
-    )  # fmt: skip
-
-
 def timm_fpn_backbone(
     name: str,
     checkpoint: Optional[str | Path] = None,
@@ -93,7 +77,7 @@ def timm_fpn_backbone(
     frozen_bn = trained if frozen_bn is None else frozen_bn
     model = timm.create_model(name, pretrained=False, **(backbone_kwargs or {}))
     if checkpoint is not None:
-        load_backbone_checkpoint(model, checkpoint)
+        load_backbone_checkpoint(model, checkpoint, name)
     stages = _stage_names(model, name)
     if frozen_bn:
         model = freeze_batch_norm_2d(model)

@@ -197,12 +197,19 @@ def load_trained_model(
     return model.eval(), meta
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | Path, skip: Tuple[str, ...], hint: str) -> None:
-    """Load a classification checkpoint (safetensors, timm model keys) into ``backbone``, strictly.
+def load_backbone_checkpoint(backbone: nn.Module, path: str | Path, name: str) -> None:
+    """Load a classification checkpoint of the timm model ``name`` (safetensors, timm keys) into ``backbone``, that
+    model or its ``features_only`` form, strictly: only the classifier (``name``'s pretrained config ``classifier``,
+    ``fc`` for ResNets) is left out on both sides; any other missing, unexpected or wrongly shaped key is a
+    ``ValueError`` that lists them and says how to build a backbone that fits."""
+    import timm
 
-    Keys starting with ``skip`` (the classifier, e.g. ``('fc.',)``) are left out on both sides; any other missing,
-    unexpected or wrongly shaped key is a ``ValueError`` that lists them and ends with ``hint`` (the fix).
-    """
+    classifier = getattr(timm.models.get_pretrained_cfg(name), 'classifier', None) or 'fc'
+    skip = tuple(f'{c}.' for c in (classifier if isinstance(classifier, (list, tuple)) else [classifier]))
+    hint = (
+        f'Use a checkpoint of the same model and variant as --backbone {name} (the same --backbone-kwargs: w, s, down, '
+        'stem) as the classification run that wrote it.'
+    )
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(

@@ -20,7 +20,7 @@ from timm.layers import freeze_batch_norm_2d
 
 import hsresnet  # noqa: F401  (registers the hs_resnet* models into timm)
 
-from ..engine.checkpoint import load_backbone_weights
+from ..engine.checkpoint import load_backbone_checkpoint
 from ..factory import check_model_name, freeze_stages
 from .data import pad_to_multiple
 
@@ -80,7 +80,7 @@ def deeplabv3plus(
         **backbone_kwargs,
     )
     if checkpoint is not None:
-        load_backbone_checkpoint(model, checkpoint, backbone)
+        load_backbone_checkpoint(model.encoder.model, checkpoint, backbone)
     if frozen_bn:
         model.encoder.model = freeze_batch_norm_2d(model.encoder.model)
     freeze_stages(model.encoder.model, ('layer1', 'layer2', 'layer3', 'layer4'), trainable_layers)
@@ -92,15 +92,6 @@ def deeplabv3plus(
 def deeplabv3plus_hs_resnet50(num_classes: int = 19, output_stride: int = 16, **kwargs: Any) -> smp.DeepLabV3Plus:
     """DeepLabV3+ on HS-ResNet-50 (w=18, s=5), output stride 16 by default: the paper's Cityscapes model."""
     return deeplabv3plus('hs_resnet50', num_classes, output_stride, **kwargs)
-
-
-def load_backbone_checkpoint(model: smp.DeepLabV3Plus, path: str | Path, backbone: str = '') -> None:
-    """Load a classification checkpoint (safetensors of a timm model's ``state_dict``) into the encoder, strictly;
-    the classifier (the pretrained config's ``classifier``, ``fc.*`` for ResNets) is dropped."""
-    cfg = timm.models.get_pretrained_cfg(backbone) if backbone else None
-    classifier = getattr(cfg, 'classifier', None) or 'fc'
-    hint = f'Use a checkpoint of the same model and variant (w, s, down, stem) as --backbone {backbone or ""}.'
-    load_backbone_weights(model.encoder.model, path, (f'{classifier}.',), hint)
 
 
 @torch.no_grad()
