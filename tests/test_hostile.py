@@ -397,15 +397,22 @@ def test_every_task_reads_16_bit_and_transparent_images_the_same_way(tmp_path, r
     Image.fromarray(grey).save(tmp_path / 'a.tif')
     Image.new('RGBA', (2, 2), (0, 0, 0, 0)).save(tmp_path / 'b.png')
     if reader == 'classification':
-        read = lambda p: np.asarray(to_mode(Image.open(p), 3))  # noqa: E731
+
+        def read(path):
+            return np.asarray(to_mode(Image.open(path), 3))
+
     elif reader == 'detection':
         from hsresnet.detection.predict import _read_rgb
 
-        read = lambda p: _read_rgb(p).permute(1, 2, 0).numpy()  # noqa: E731
+        def read(path):
+            return _read_rgb(path).permute(1, 2, 0).numpy()
+
     else:
         from hsresnet.segmentation.predict import _load_rgb
 
-        read = lambda p: np.asarray(_load_rgb(p))  # noqa: E731
+        def read(path):
+            return np.asarray(_load_rgb(path))
+
     stretched = read(tmp_path / 'a.tif')
     assert (
         stretched.shape == (2, 2, 3) and stretched[0, 0].tolist() == [0, 0, 0] and stretched[1, 1].tolist() == [255] * 3

@@ -93,7 +93,6 @@ def test_plan_refuses_one_folder_for_two_different_runs(tmp_path):
         load_study(write_study(tmp_path, {'a': ops_experiment(), 'b': other}))
 
 
-@pytest.mark.slow
 def study_cli(*args: str) -> str:
     """``hsresnet study ...`` in its own process, as a user runs it; returns its output."""
     done = subprocess.run([sys.executable, '-m', 'hsresnet.cli', 'study', *args], capture_output=True, text=True)
@@ -101,6 +100,7 @@ def study_cli(*args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_run_skips_finished_resumes_partial_and_reports_what_finished(tmp_path):
     out = tmp_path / 'out'
     path = write_study(tmp_path, {'ops': ops_experiment()})

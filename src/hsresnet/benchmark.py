@@ -174,7 +174,6 @@ def check_paths(paths: Sequence[str], args: argparse.Namespace, device: torch.de
 
 
 def run(args: argparse.Namespace) -> int:
-
     import hsresnet  # noqa: F401  (registers the hs_resnet* models)
 
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
