@@ -97,7 +97,7 @@ def test_image_folder_trains_and_reports_bad_files(tmp_path, capsys):
     out = tmp_path / 'r'
     argv = ['train', '--data-dir', str(root), '--output', str(out), '--img-size', '32', '--epochs', '1', '-b', '6']
     assert main([*argv, *TINY, *FAST]) == 0
-    log = capsys.readouterr().out
+    log = capsys.readouterr().err
     assert 'skipped 2 unreadable' in log and 'broken.png' in log and 'notes.txt' in log
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['num_classes'] == 3 and summary['dataset'] == 'folder'
@@ -208,7 +208,7 @@ def test_fast_fashion_mnist_transform_equals_timm(training):
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
     cfg = resolve_config(parser.parse_args(['-c', 'configs/fashion_mnist.yaml']), parser)
-    task = ClassificationTask(cfg, log=lambda _: None)
+    task = ClassificationTask(cfg, verbose=False)
     fast = task.transforms(training)
     assert isinstance(fast, ArrayTransform) and fast.hflip == (cfg.hflip if training else 0.0)
     images = [FashionMNIST(find_fashion_mnist(), 'test')[i][0] for i in range(3)]

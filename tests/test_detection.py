@@ -436,7 +436,7 @@ def test_detect_train_eval_predict_resume(tmp_path, capsys):
             assert det['label'] == 'nucleus' and 0 <= det['score'] <= 1 and len(det['box_xyxy']) == 4
             assert det['mask_rle']['size'] == [64, 64]
 
-    assert main(['detect', 'eval', '--checkpoint', str(tmp_path / 'nothing'), '--data', str(NUCLEI)]) == 2
+    assert main(['detect', 'validate', '--checkpoint', str(tmp_path / 'nothing'), '--data', str(NUCLEI)]) == 2
     assert 'does not exist' in capsys.readouterr().err
     assert main(_tiny_flags('fasterrcnn_hs_resnet50_fpn', tmp_path, tmp_path / 'x') + ['--epochs', '1']) == 2
     assert 'neither' in capsys.readouterr().err  # no COCO or VOC layout there

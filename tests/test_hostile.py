@@ -384,34 +384,25 @@ def test_a_launchers_log_and_record_do_not_block_the_run_it_starts(tmp_path):
     assert (folder / 'log.txt').read_text() == '$ hsresnet train ...\n'  # the launcher's log is never removed
 
 
-@pytest.mark.parametrize('reader', ['classification', 'detection', 'segmentation'])
-def test_every_task_reads_16_bit_and_transparent_images_the_same_way(tmp_path, reader):
-    """One image reader (``hsresnet.images.to_mode``): a 16-bit TIFF is stretched min..max, not clipped to white, and
-    transparency is composited over white, in every task."""
+@pytest.mark.parametrize('task', ['classification.data', 'classification.predict', 'detection.datasets',
+                                  'detection.predict', 'segmentation.data', 'segmentation.predict'])  # fmt: skip
+def test_every_task_reads_16_bit_and_transparent_images_the_same_way(tmp_path, task):
+    """One image reader (``hsresnet.images.open_image``) in every task's training data and prediction: a 16-bit TIFF
+    is stretched min..max, not clipped to white, and transparency is composited over white."""
+    import importlib
+
     import numpy as np
     from PIL import Image
 
-    from hsresnet.images import to_mode
+    from hsresnet.images import open_image
 
+    assert importlib.import_module(f'hsresnet.{task}').open_image is open_image
     grey = np.array([[1000, 3000], [5000, 9000]], dtype=np.uint16)
     Image.fromarray(grey).save(tmp_path / 'a.tif')
     Image.new('RGBA', (2, 2), (0, 0, 0, 0)).save(tmp_path / 'b.png')
-    if reader == 'classification':
 
-        def read(path):
-            return np.asarray(to_mode(Image.open(path), 3))
-
-    elif reader == 'detection':
-        from hsresnet.detection.predict import _read_rgb
-
-        def read(path):
-            return _read_rgb(path).permute(1, 2, 0).numpy()
-
-    else:
-        from hsresnet.segmentation.predict import _load_rgb
-
-        def read(path):
-            return np.asarray(_load_rgb(path))
+    def read(path):
+        return np.asarray(open_image(path))
 
     stretched = read(tmp_path / 'a.tif')
     assert (

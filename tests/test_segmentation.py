@@ -259,7 +259,7 @@ def test_segment_cli_train_eval_predict(tmp_path, capsys):
     assert 0 <= summary['miou'] <= 1 and (run / 'model_best.safetensors').is_file()
 
     capsys.readouterr()
-    assert main(['segment', 'eval', '--checkpoint', str(run), '--data', str(data), '-j', '0']) == 0
+    assert main(['segment', 'validate', '--checkpoint', str(run), '--data', str(data), '-j', '0']) == 0
     evaluated = __import__('json').loads(capsys.readouterr().out)
     assert evaluated['images'] == 2 and evaluated['miou'] == pytest.approx(summary['miou'], abs=1e-6)
 

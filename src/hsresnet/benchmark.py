@@ -32,6 +32,7 @@ import copy
 import ctypes
 import datetime
 import gc
+import importlib
 import json
 import os
 import platform
@@ -161,14 +162,8 @@ def check_paths(paths: Sequence[str], args: argparse.Namespace, device: torch.de
         )
     if args.sweep and len(paths) > 1:
         raise SystemExit('hsresnet benchmark: --sweep runs one path; give one of --paths.')
-    runtimes = {'onnxruntime': ('onnxruntime', 'pip install onnxruntime onnx onnxscript'),
-                'openvino': ('openvino', 'pip install openvino onnx onnxscript')}  # fmt: skip
-    for path in set(paths) & set(EXPORTED_PATHS):
-        module, install = runtimes[path]
-        try:
-            __import__(module)
-        except ImportError as e:
-            raise SystemExit(f'hsresnet benchmark: the {path} path needs {module} ({e}); `{install}`.') from e
+    for path in sorted(set(paths) & set(EXPORTED_PATHS)):  # a missing runtime is refused before anything runs
+        importlib.import_module(path)
     if 'openvino' in paths and device.type != 'cpu':
         raise SystemExit('hsresnet benchmark: the openvino path runs on the CPU; use --device cpu for it.')
 

@@ -4,12 +4,16 @@ Each subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int`
 their command runs, so ``hsresnet --help`` stays fast. A command reports a problem of the user's making (a bad value,
 a missing or unreadable file, a full disk) by raising; ``main`` prints it as one sentence, ``hsresnet <command>:
 error: ...``, and exits with 2 (130 when interrupted), instead of a traceback (``HSRESNET_TRACEBACK=1`` shows it).
+
+Output: a command's result (JSON, tables) goes to stdout; everything said along the way (progress, epoch lines,
+skipped files, warnings) goes through the ``hsresnet`` logger to stderr, as ``hsresnet <command>: message``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from typing import List, Optional
@@ -50,12 +54,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f'hsresnet {name}', description=module.__doc__ or help_text)
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
-    prog = ' '.join(['hsresnet', name] + ([args.action] if isinstance(getattr(args, 'action', None), str) else []))
+    prog = f'hsresnet {name}'
+    log_to_stderr(prog)
     try:
+        module = importlib.import_module(module_name)
+        parser = argparse.ArgumentParser(prog=prog, description=module.__doc__ or help_text)
+        module.add_arguments(parser)
+        args = parser.parse_args(rest)
+        prog += f' {args.action}' if isinstance(getattr(args, 'action', None), str) else ''
         return int(module.run(args) or 0)
     except KeyboardInterrupt as err:
         print(f'{prog}: {err or "interrupted"}', file=sys.stderr)
@@ -66,6 +72,37 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'{prog}: error: {user_message(err)}', file=sys.stderr)
         return 2
 
+
+class _ProgressSafeHandler(logging.Handler):
+    """Writes a record to stderr through ``tqdm.write``, which keeps an open progress bar whole."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def log_to_stderr(prog: str) -> None:
+    """Show the ``hsresnet`` logger's records (INFO and above) on stderr as ``<prog>: message``."""
+    logger = logging.getLogger('hsresnet')
+    handler = next((h for h in logger.handlers if isinstance(h, _ProgressSafeHandler)), None)
+    if handler is None:
+        handler = _ProgressSafeHandler()
+        logger.addHandler(handler)
+    handler.setFormatter(logging.Formatter(f'{prog}: %(message)s'))
+    logger.setLevel(logging.INFO)
+
+
+# the import name of each package an extra of pyproject.toml adds (the model library needs torch, torchvision, timm)
+EXTRA_OF_PACKAGE = {
+    **dict.fromkeys(
+        ('numpy', 'PIL', 'yaml', 'safetensors', 'tqdm', 'torchmetrics', 'tensorboard', 'matplotlib'), 'train'
+    ),
+    'faster_coco_eval': 'detect',
+    'segmentation_models_pytorch': 'segment',
+    **dict.fromkeys(('onnx', 'onnxruntime', 'onnxscript', 'openvino'), 'export'),
+    **dict.fromkeys(('scipy', 'submitit'), 'study'),
+}
 
 # what a user's input can cause: bad values (ValueError, the checkpoint/output/study errors derive from it), missing
 # or unwritable files (OSError), a diverged run (FloatingPointError), a missing optional package (ImportError)
@@ -84,7 +121,8 @@ def user_message(err: BaseException) -> str:
 
         text = describe_os_error(err)
     elif isinstance(err, ImportError) and err.name:
-        text = f"{text} (install the optional dependencies: pip install 'hsresnet[all]')"
+        extra = EXTRA_OF_PACKAGE.get(err.name.split('.')[0], 'all')
+        text = f"{text}: this command needs the '{extra}' extra (pip install 'hsresnet[{extra}]')"
     return text
 
 

@@ -16,7 +16,6 @@ import argparse
 import csv
 import io
 import json
-import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from .complexity import (
@@ -239,13 +238,9 @@ def run_presets(args: argparse.Namespace, kwargs: Dict[str, Any]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        kwargs = net_kwargs(args)
-        if args.presets:
-            return run_presets(args, kwargs)
-        if args.reference or args.params or args.macs:
-            return run_budget(args, kwargs)
-        return run_grid(args, kwargs)
-    except ValueError as err:
-        print(f'hsresnet complexity: error: {err}', file=sys.stderr)
-        return 2
+    kwargs = net_kwargs(args)
+    if args.presets:
+        return run_presets(args, kwargs)
+    if args.reference or args.params or args.macs:
+        return run_budget(args, kwargs)
+    return run_grid(args, kwargs)

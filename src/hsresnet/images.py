@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
+
+_log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
@@ -38,17 +40,26 @@ def find_images(inputs: Iterable[str | Path]) -> List[Path]:
     return found
 
 
+def open_image(path: str | Path, in_chans: int = 3) -> Image.Image:
+    """The image at ``path``, decoded and converted by ``to_mode``; a file that is not an image is a ValueError."""
+    try:
+        with Image.open(path) as img:
+            return to_mode(img, in_chans)
+    except (OSError, SyntaxError) as err:  # UnidentifiedImageError is an OSError; a truncated file as well
+        raise ValueError(f'not a readable image ({type(err).__name__}: {err})') from None
+
+
 def readable(
-    paths: Iterable[Path], load: Callable[[Path], Any], skipped: List[Dict[str, str]], prog: str
+    paths: Iterable[Path], load: Callable[[Path], Any], skipped: List[Dict[str, str]]
 ) -> Iterator[Tuple[Path, Any]]:
     """``(path, load(path))`` for every file ``load`` can read; the others are appended to ``skipped`` with the reason
-    and reported on stderr, so one unreadable file never stops a prediction run."""
+    and logged, so one unreadable file never stops a prediction run."""
     for path in paths:
         try:
             yield path, load(path)
         except (OSError, ValueError, SyntaxError) as err:
             skipped.append({'path': str(path), 'reason': str(err)})
-            print(f'{prog}: skipped {path}: {err}', file=sys.stderr)
+            _log.warning('skipped %s: %s', path, err)
 
 
 def to_mode(img: Image.Image, in_chans: int = 3) -> Image.Image:

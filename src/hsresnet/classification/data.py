@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..images import IMAGE_SUFFIXES, check_image, to_mode
+from ..images import IMAGE_SUFFIXES, check_image, open_image
 
-_log = logging.getLogger('hsresnet')
+_log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
 FASHION_MNIST_CLASSES = (
@@ -202,25 +202,22 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def load(self, i: int) -> Image.Image:
-        with Image.open(self.samples[i][0]) as img:
-            img.load()
-            return to_mode(img, self.in_chans)
+        return open_image(self.samples[i][0], self.in_chans)
 
     def __getitem__(self, i: int):
         for k in range(len(self.samples)):
             j = (i + k) % len(self.samples)
             try:
                 img = self.load(j)
-            except (OSError, ValueError, SyntaxError) as err:
+            except (OSError, ValueError) as err:
                 _log.warning('skipping unreadable image %s (%s)', self.samples[j][0], err)
                 continue
             return (self.transform(img) if self.transform else img), self.samples[j][1]
         raise RuntimeError('no readable image left in the dataset')
 
 
-def report_bad(bad: List[Tuple[Path, str]], split: str, log: Callable[[str], None]) -> None:
+def report_bad(bad: List[Tuple[Path, str]], split: str) -> None:
     """Log the count and the paths of skipped files."""
     if bad:
-        log(f'{split}: skipped {len(bad)} unreadable or non-image file(s):')
-        for path, reason in bad:
-            log(f'  {path}: {reason}')
+        lines = ''.join(f'\n  {path}: {reason}' for path, reason in bad)
+        _log.warning('%s: skipped %d unreadable or non-image file(s):%s', split, len(bad), lines)

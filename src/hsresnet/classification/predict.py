@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -18,7 +18,7 @@ from ..engine import write_json
 from ..engine.checkpoint import CHECKPOINT_HELP
 from ..engine.config import POSITIVE_INT
 from ..engine.distributed import resolve_device
-from ..images import check_image, to_mode
+from ..images import open_image, readable
 from .task import load_classifier
 
 
@@ -64,22 +64,10 @@ def predict(args: argparse.Namespace) -> Dict[str, Any]:
     classes = meta['classes']
     k = max(1, min(args.topk, len(classes)))
     files, skipped = collect_files(args.inputs)
-    from PIL import Image
-
-    tensors, paths = [], []
-    for f in files:
-        reason = check_image(f)
-        if reason is None:
-            try:
-                with Image.open(f) as img:
-                    img.load()
-                    tensors.append(transform(to_mode(img, in_chans)))
-                    paths.append(f)
-                continue
-            except (OSError, ValueError, SyntaxError) as err:
-                reason = f'{type(err).__name__}: {err}'
-        skipped.append({'path': str(f), 'reason': reason})
-        print(f'hsresnet predict: skipped {f}: {reason}', file=sys.stderr)
+    paths, tensors = [], []
+    for path, image in readable(files, lambda f: open_image(f, in_chans), skipped):
+        paths.append(path)
+        tensors.append(transform(image))
     predictions = []
     with torch.no_grad():
         for i in range(0, len(tensors), args.batch_size):
@@ -103,6 +91,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(result, indent=2))
     if not result['predictions']:
-        print('hsresnet predict: error: no readable image among the inputs.', file=sys.stderr)
+        logging.getLogger(__name__).error('no readable image among the inputs.')
         return 1
     return 0

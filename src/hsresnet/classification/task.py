@@ -151,21 +151,12 @@ def resolve_data(cfg: argparse.Namespace) -> str:
 
 
 def model_data_config(model_name: str) -> Dict[str, Any]:
-    """The timm default cfg of a model (input size, mean/std, crop_pct) without building it."""
-    import timm
+    """timm's data config of a model (input size, mean/std, crop_pct...) from its default cfg, without building it."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
 
-    try:
-        cfg = timm.models.get_pretrained_cfg(model_name)
-    except Exception:
-        cfg = None
-    if cfg is None:
-        return {
-            'input_size': (3, 224, 224),
-            'crop_pct': 0.875,
-            'mean': (0.485, 0.456, 0.406),
-            'std': (0.229, 0.224, 0.225),
-        }
-    return {'input_size': cfg.input_size, 'crop_pct': cfg.crop_pct, 'mean': cfg.mean, 'std': cfg.std}
+    pretrained = get_pretrained_cfg(model_name)
+    return resolve_data_config(pretrained_cfg=pretrained.to_dict() if pretrained else {'input_size': (3, 224, 224)})
 
 
 def _per_channel(values: Tuple[float, ...], in_chans: int, flag: str) -> Tuple[float, ...]:
@@ -204,10 +195,13 @@ class ClassificationTask:
 
     main_metric = 'top1'
 
-    def __init__(self, cfg: argparse.Namespace, log=print, training: bool = True, classes: Optional[List[str]] = None):
-        """Resolve and check the data up front (errors before any training). ``classes``: the class list of a
-        checkpoint, for evaluating an image folder (its class folders must be among them)."""
-        self.cfg, self.log = cfg, log
+    def __init__(
+        self, cfg: argparse.Namespace, verbose: bool = True, training: bool = True, classes: Optional[List[str]] = None
+    ):
+        """Resolve and check the data up front (errors before any training). ``verbose``: log the files skipped as
+        unreadable (rank 0 does). ``classes``: the class list of a checkpoint, for evaluating an image folder (its
+        class folders must be among them)."""
+        self.cfg = cfg
         self.kind = resolve_data(cfg)
         if self.kind == 'fashion_mnist':
             if cfg.in_chans not in (None, 1):
@@ -230,11 +224,13 @@ class ClassificationTask:
             self.train_split: Optional[FolderSplit] = None
             if training:
                 self.train_split = scan_folder(root / 'train', verify=verify)
-                report_bad(self.train_split.bad, 'train', log)
+                if verbose:
+                    report_bad(self.train_split.bad, 'train')
                 self.classes = self.train_split.classes
             known = self.classes if training else classes
             self.val_split = scan_folder(root / cfg.val_split, classes=known, verify=verify)
-            report_bad(self.val_split.bad, cfg.val_split, log)
+            if verbose:
+                report_bad(self.val_split.bad, cfg.val_split)
             if not training:
                 self.classes = self.val_split.classes
         self.in_chans, self.img_size = in_chans, img_size

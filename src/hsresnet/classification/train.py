@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(args, getattr(args, '_parser', None))
     info = init_distributed(cfg.device)
-    task = ClassificationTask(cfg, log=print if info.is_main else (lambda _msg: None))
+    task = ClassificationTask(cfg, verbose=info.is_main)
     summary = fit(task, cfg)
     if info.is_main:
         print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2))

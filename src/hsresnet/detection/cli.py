@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -171,8 +170,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.set_defaults(**TRAIN_DEFAULTS, _parser=train)
 
     ev = sub.add_parser(
-        'eval',
-        help='COCO box/mask AP of a checkpoint',
+        'validate',
+        aliases=['eval'],
+        help='COCO box/mask AP of a checkpoint (alias: eval)',
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -210,15 +210,6 @@ def load_detector_checkpoint(path: str) -> Tuple[torch.nn.Module, Dict[str, Any]
     return load_trained_model(path, 'detection', build, 'hsresnet detect train')
 
 
-def _log_to_stderr() -> None:
-    log = logging.getLogger('hsresnet')
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter('%(name)s: %(message)s'))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-
-
 def _train(args: argparse.Namespace) -> int:
     cfg = resolve_config(args, args._parser)
     cfg.backbone_kwargs = parse_kwargs(cfg.backbone_kwargs)
@@ -231,7 +222,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _validate(args: argparse.Namespace) -> int:
     info = init_distributed(args.device)
     try:
         if args.threads:
@@ -277,5 +268,4 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    _log_to_stderr()
-    return {'train': _train, 'eval': _eval, 'predict': _predict}[args.action](args)
+    return {'train': _train, 'validate': _validate, 'eval': _validate, 'predict': _predict}[args.action](args)

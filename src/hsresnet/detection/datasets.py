@@ -26,12 +26,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..images import IMAGE_SUFFIXES, to_mode
+from ..images import IMAGE_SUFFIXES, open_image
 from .transforms import to_tv_tensors
 
 __all__ = ['CocoDetection', 'collate_fn', 'load_coco_json', 'voc_dataset', 'voc_to_coco']
 
-log = logging.getLogger('hsresnet.detection')
+log = logging.getLogger(__name__)
 
 
 def load_coco_json(path: str | Path) -> Dict[str, Any]:
@@ -182,8 +182,7 @@ class CocoDetection(Dataset):
         path = self.image_dir / info['file_name']
         if not path.is_file():
             raise FileNotFoundError(f'{self.name}: image {path} (image_id {image_id}) does not exist.')
-        with Image.open(path) as img:
-            image = to_mode(img)
+        image = open_image(path)
         if image.size != (info['width'], info['height']):
             raise ValueError(
                 f'{self.name}: image {path} is {image.size[0]}x{image.size[1]} but its entry says '

@@ -31,12 +31,8 @@ def coco_evaluate(gt: Dict[str, Any], results: Sequence[Dict[str, Any]], iou_typ
     Returns ``{'AP': ..., 'AP50': ..., ...}`` (fractions in [0, 1]; -1 where COCO has nothing to score, e.g. no
     small objects). No results at all score 0.
     """
-    try:
-        from faster_coco_eval import COCO, COCOeval_faster
-    except ImportError:
-        raise ImportError(
-            'COCO evaluation needs faster-coco-eval: pip install "hsresnet[all]" (or pip install faster-coco-eval).'
-        ) from None
+    from faster_coco_eval import COCO, COCOeval_faster
+
     if not results:
         return {name: 0.0 for name in STAT_NAMES}
     with contextlib.redirect_stdout(io.StringIO()):

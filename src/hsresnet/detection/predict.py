@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ..images import find_images, readable, to_mode
+from ..images import find_images, open_image, readable
 
 __all__ = ['find_images', 'draw_detections', 'predict_images']
 
@@ -82,7 +83,8 @@ def predict_images(
     model.eval().to(device)
     records: List[Dict[str, Any]] = []
     skipped: List[Dict[str, str]] = []
-    for path, image in readable(paths, _read_rgb, skipped, 'hsresnet detect predict'):
+    for path, picture in readable(paths, open_image, skipped):
+        image = pil_to_tensor(picture)  # uint8 (3, H, W)
         det = model([image.to(device).float() / 255])[0]
         det = {k: v.cpu() for k, v in det.items()}
         keep = det['scores'] >= score_thresh
@@ -112,12 +114,3 @@ def predict_images(
     result = {'classes': list(class_names), 'images': records, 'skipped': skipped}
     (output / 'predictions.json').write_text(json.dumps(result, indent=1) + '\n')
     return result
-
-
-def _read_rgb(path: Path) -> torch.Tensor:
-    """An image file as a uint8 (3, H, W) tensor."""
-    try:
-        with Image.open(path) as img:
-            return torch.from_numpy(np.array(to_mode(img))).permute(2, 0, 1)
-    except OSError as err:
-        raise ValueError(f'not a readable image ({err})') from None

@@ -15,6 +15,7 @@ worker from the epoch and the batch: ``WorkerSeededDataset``).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -43,13 +44,13 @@ from .distributed import (
 from .logs import RunLogger, write_json
 from .outputs import OutputError, check_run_folder, clear_run_folder, describe_os_error, kept_checkpoint, lock, release
 
+_log = logging.getLogger(__name__)
+
 
 def log(info: DistInfo, msg: str) -> None:
-    """Print on rank 0 without breaking a progress bar."""
+    """Log on rank 0 only."""
     if info.is_main:
-        from tqdm import tqdm
-
-        tqdm.write(msg)
+        _log.info(msg)
 
 
 def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:

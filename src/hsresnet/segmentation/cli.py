@@ -105,7 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(train)
     train.set_defaults(**TRAIN_DEFAULTS, _parser=train)  # the parser types YAML values (resolve_config)
 
-    ev = sub.add_parser('eval', help='mIoU / pixel accuracy / per-class IoU of a checkpoint', description=__doc__)
+    ev = sub.add_parser(
+        'validate',
+        aliases=['eval'],
+        help='mIoU / pixel accuracy / per-class IoU of a checkpoint (alias: eval)',
+        description=__doc__,
+    )
     ev.add_argument('--checkpoint', required=True, help=CHECKPOINT_HELP)
     _add_eval_data_arguments(ev)
     ev.add_argument('-b', '--batch-size', type=POSITIVE_INT, default=1, help='batch size (default: 1).')
@@ -148,7 +153,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _validate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.data:
@@ -200,4 +205,4 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {'train': _train, 'eval': _eval, 'predict': _predict}[args.action](args)
+    return {'train': _train, 'validate': _validate, 'eval': _validate, 'predict': _predict}[args.action](args)

@@ -21,9 +21,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..images import IMAGE_SUFFIXES, check_image, to_mode
+from ..images import IMAGE_SUFFIXES, check_image, open_image
 
-_log = logging.getLogger('hsresnet')
+_log = logging.getLogger(__name__)
 
 __all__ = [
     'IGNORE_INDEX',
@@ -67,8 +67,7 @@ PairTransform = Callable[[tv_tensors.Image, tv_tensors.Mask], Sample]
 
 def _read_pair(image_path: Path, mask_path: Path) -> Tuple[tv_tensors.Image, np.ndarray]:
     """Read an image as RGB uint8 and its single-channel mask; refuse a mask whose size differs from the image."""
-    with Image.open(image_path) as im:
-        image = to_mode(im)
+    image = open_image(image_path)
     with Image.open(mask_path) as m:
         if m.mode not in ('L', 'P', 'I', 'I;16', '1'):
             raise ValueError(

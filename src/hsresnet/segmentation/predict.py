@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..images import find_images, readable, to_mode
+from ..images import find_images, open_image, readable
 from .data import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 from .models import predict_logits
 
@@ -43,14 +43,6 @@ def overlay(image: Image.Image, labels: np.ndarray, palette: Sequence[Tuple[int,
     return Image.fromarray(out.round().astype(np.uint8))
 
 
-def _load_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return to_mode(im)
-    except OSError as err:
-        raise ValueError(f'not a readable image ({err})') from None
-
-
 @torch.no_grad()
 def predict_images(
     model: nn.Module,
@@ -75,7 +67,7 @@ def predict_images(
     std_t = torch.tensor(std, device=device).view(3, 1, 1)
     records: List[Dict[str, Any]] = []
     skipped: List[Dict[str, str]] = []
-    for path, image in readable(paths, _load_rgb, skipped, 'hsresnet segment predict'):
+    for path, image in readable(paths, open_image, skipped):
         x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).to(device).permute(2, 0, 1).float() / 255
         logits = predict_logits(model, ((x - mean_t) / std_t)[None])[0]
         probs = logits.float().softmax(0)

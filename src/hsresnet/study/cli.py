@@ -12,8 +12,8 @@ See docs/study.md.
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
-import sys
 from pathlib import Path
 
 from .plan import StudyError, load_study
@@ -101,6 +101,6 @@ def run(args: argparse.Namespace) -> int:
     outcomes = run_study(study, out, jobs, threads, args.rerun_stale, submit, progress=not args.no_progress)
     failed = [key for key, code, _ in outcomes if code != 0]
     for key in failed:
-        print(f'failed: {out / key} (see log.txt there)', file=sys.stderr)
+        logging.getLogger(__name__).error('failed: %s (see log.txt there)', out / key)
     print(f'{len(outcomes) - len(failed)} run(s) finished, {len(failed)} failed; `hsresnet study report {out}`.')
     return 1 if failed else 0

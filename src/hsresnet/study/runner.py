@@ -10,6 +10,7 @@ submitit (Slurm, or submitit's local executor).
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import subprocess
 import sys
@@ -210,7 +211,7 @@ def submitit_executor(out: Path, cluster: str, **slurm: Any) -> Callable:
             try:
                 yield job.result()
             except Exception as err:  # the job itself failed (node lost, time limit): the run resumes next time
-                print(f'submitit job {job.job_id} of {keys[job.job_id]} failed: {err}', file=sys.stderr)
+                logging.getLogger(__name__).error('submitit job %s of %s failed: %s', job.job_id, keys[job.job_id], err)
                 yield keys[job.job_id], -1, 0.0
 
     return submit
