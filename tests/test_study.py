@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from hsresnet.study import StudyError, load_study, mean_interval, run_study, status, verdict
+from hsresnet.study.report import fastest_paths
 from hsresnet.study.runner import command
 
 TINY_RECIPE = {
@@ -203,3 +204,18 @@ def _csv(path: Path):
 
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def test_speed_is_read_from_the_path_fastest_for_the_reference():
+    rows = [
+        {'model': model, 'bench': bench, 'path': path, 'samples_per_sec': speed}
+        for model, bench, path, speed in [
+            ('ref', 'inference', 'channels_last', 900.0),
+            ('ref', 'inference', 'openvino', 1500.0),
+            ('hs', 'inference', 'channels_last', 1000.0),  # faster than the reference here: not what decides
+            ('hs', 'inference', 'openvino', 1100.0),
+            ('ref', 'train', 'channels_last', 300.0),
+        ]
+    ]
+    assert fastest_paths(rows, 'ref') == {'inference': 'openvino', 'train': 'channels_last'}
+    assert fastest_paths(rows, 'other') == {'inference': None, 'train': None}
