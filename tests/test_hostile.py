@@ -300,6 +300,19 @@ def test_unreadable_segmentation_training_files_are_skipped_and_counted(tmp_path
     assert 'skipping the unreadable pair' in caplog.text and '0.png' in caplog.text
 
 
+def test_a_segmentation_image_damaged_after_the_check_is_skipped_when_read(tmp_path, caplog):
+    """A file that passed the dataset's up-front check but no longer decodes is logged and replaced by the next pair."""
+    from hsresnet.segmentation.data import build_dataset
+
+    data = tmp_path / 'blobs'
+    _mask_folder(data)
+    dataset = build_dataset(data, 'train')
+    (data / 'train' / 'images' / '0.png').write_bytes(b'\x89PNG\r\n\x1a\n cut short')
+    image, mask = dataset[0]
+    assert 'skipping unreadable' in caplog.text and '0.png' in caplog.text
+    assert tuple(mask.shape[-2:]) == (32, 32) and (mask == 1).any()
+
+
 def test_an_error_in_a_data_loader_worker_reads_as_the_error_itself(tmp_path, capsys):
     data = tmp_path / 'blobs'
     _mask_folder(data)

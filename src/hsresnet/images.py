@@ -41,12 +41,13 @@ def find_images(inputs: Iterable[str | Path]) -> List[Path]:
 
 
 def open_image(path: str | Path, in_chans: int = 3) -> Image.Image:
-    """The image at ``path``, decoded and converted by ``to_mode``; a file that is not an image is a ValueError."""
+    """The image at ``path``, decoded and converted by ``to_mode``; a file that does not decode as an image is an
+    ``OSError`` saying so (as PIL's own errors are; a truncated or garbled file may raise others)."""
     try:
         with Image.open(path) as img:
             return to_mode(img, in_chans)
     except (OSError, SyntaxError) as err:  # UnidentifiedImageError is an OSError; a truncated file as well
-        raise ValueError(f'not a readable image ({type(err).__name__}: {err})') from None
+        raise OSError(f'not a readable image ({type(err).__name__}: {err})') from None
 
 
 def readable(
