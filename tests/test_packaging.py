@@ -98,3 +98,27 @@ def test_help_needs_no_extra(capsys):
         main(['--help'])
     assert exit_info.value.code == 0
     assert 'detect' in capsys.readouterr().out
+
+
+LIBRARY = ('__init__', 'layers', 'models', 'baselines', 'hsify', 'optimize', 'complexity', 'receptive_field',
+           'reference', 'factory')  # fmt: skip
+
+
+@pytest.mark.parametrize('module', LIBRARY)
+def test_library_modules_import_nothing_of_the_application_even_lazily(module):
+    """Every import in a library module, at the top or inside a function, is of the standard library, torch,
+    torchvision, timm or another library module."""
+    import ast
+    from pathlib import Path
+
+    import hsresnet
+
+    source = Path(hsresnet.__file__).with_name(f'{module}.py').read_text()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            names = [node.module] if node.module else [a.name for a in node.names]
+            assert all(n.split('.')[0] in LIBRARY for n in names), f'{module}.py imports .{names} (application)'
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            tops = {n.split('.')[0] for n in names}
+            assert tops <= set(sys.stdlib_module_names) | {'torch', 'torchvision', 'timm'}, f'{module}.py: {tops}'

@@ -33,7 +33,6 @@ __all__ = [
     'block_groups',
     'effective_rf',
     'erf_size',
-    'fashion_mnist_canvas',
     'network_erf_sizes',
     'plain_conv',
     'res2net_part',
@@ -144,21 +143,6 @@ def erf_size(heatmap: torch.Tensor, share: float = 0.95) -> int:
         if float(inside) >= share * total - 1e-12 * total:
             return 2 * r + 1
     return 2 * max(h, w) - 1
-
-
-def fashion_mnist_canvas(count: int, size: int, mean: float = 0.2860, std: float = 0.3530) -> torch.Tensor:
-    """``count`` Fashion-MNIST test images centred on a black ``size x size`` canvas (or centre-cropped to it),
-    normalised: (N, 1, size, size). Real images for the effective fields; a canvas leaves room for fields larger
-    than the 28 px image."""
-    from .classification.data import FASHION_MNIST_FILES, _find_idx, find_fashion_mnist, read_idx
-
-    images = torch.from_numpy(read_idx(_find_idx(find_fashion_mnist(), FASHION_MNIST_FILES['test'][0]))[:count].copy())
-    n, side = images.shape[0], images.shape[-1]
-    canvas = torch.zeros(n, 1, size, size)
-    keep = min(size, side)
-    src, dst = (side - keep) // 2, (size - keep) // 2
-    canvas[:, 0, dst : dst + keep, dst : dst + keep] = images[:, src : src + keep, src : src + keep].float() / 255
-    return (canvas - mean) / std
 
 
 def network_erf_sizes(

@@ -24,6 +24,21 @@ from .engine.logs import write_csv, write_json
 KINDS = ('conv', 'res2net', 'hs')
 
 
+def fashion_mnist_canvas(count: int, size: int, mean: float = 0.2860, std: float = 0.3530) -> torch.Tensor:
+    """``count`` Fashion-MNIST test images centred on a black ``size x size`` canvas (or centre-cropped to it),
+    normalised: (N, 1, size, size). Real images for the effective fields; a canvas leaves room for fields larger
+    than the 28 px image."""
+    from .classification.data import FASHION_MNIST_FILES, _find_idx, find_fashion_mnist, read_idx
+
+    images = torch.from_numpy(read_idx(_find_idx(find_fashion_mnist(), FASHION_MNIST_FILES['test'][0]))[:count].copy())
+    n, side = images.shape[0], images.shape[-1]
+    canvas = torch.zeros(n, 1, size, size)
+    keep = min(size, side)
+    src, dst = (side - keep) // 2, (size - keep) // 2
+    canvas[:, 0, dst : dst + keep, dst : dst + keep] = images[:, src : src + keep, src : src + keep].float() / 255
+    return (canvas - mean) / std
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest='action', metavar='ACTION', required=True)
     block = sub.add_parser('block', help='per output group of one block: HS, Res2Net and a plain 3x3 conv')
@@ -45,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_block(args: argparse.Namespace) -> Dict[str, Any]:
-    from .receptive_field import block_groups, effective_rf, erf_size, fashion_mnist_canvas, theoretical_rf
+    from .receptive_field import block_groups, effective_rf, erf_size, theoretical_rf
 
     channels = args.width * args.s
     # pixel values in [0, 1] (a block's input follows a ReLU in a bottleneck), the same image in every channel
@@ -117,7 +132,7 @@ def _label(meta: Dict[str, Any]) -> str:
 
 def run_network(args: argparse.Namespace) -> Dict[str, Any]:
     from .classification.task import load_classifier
-    from .receptive_field import fashion_mnist_canvas, network_erf_sizes
+    from .receptive_field import network_erf_sizes
 
     results: Dict[str, Any] = {}
     for checkpoint in args.checkpoints:
