@@ -161,6 +161,10 @@ def test_predict_folder_with_non_images(trained, tmp_path, capsys):
     assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-5
     assert {Path(s['path']).name for s in pred['skipped']} == {'readme.txt', 'nope.png'}
     assert 'readme.txt' in capsys.readouterr().err
+    # nothing readable at all: the result still lists the skipped files, the command says so and exits 1
+    assert main(['predict', str(folder / 'readme.txt'), '--checkpoint', str(trained), '--output', str(out)]) == 1
+    assert 'no readable image among the inputs' in capsys.readouterr().err
+    assert json.loads(out.read_text())['predictions'] == []
 
 
 def test_export_checked_by_onnxruntime(trained, tmp_path):
