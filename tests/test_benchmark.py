@@ -128,7 +128,23 @@ def test_benchmark_openvino_path(tmp_path):
     assert rows['resnet18', 'openvino']['samples_per_sec_paired_ratio'] == 1.0
 
 
-@pytest.mark.parametrize('path', ['onnxruntime', 'openvino', 'optimized'])
+@pytest.mark.slow
+def test_benchmark_optimized_compiled_path_compiles_every_model(tmp_path):
+    """``optimize(model, compile=True)`` for the baseline and the HS model alike, BN folded in both."""
+    out = tmp_path / 'r.json'
+    args = ['benchmark', '-m', 'hs_resnet26', '--baselines', '', '--no-reference', '--paths', 'optimized_compiled',
+            '--bench', 'inference', '-b', '2', '--img-size', '32', '--warmup', '1', '--repeats', '2', '--threads', '2',
+            '--num-classes', '10', '--no-memory', '--results-file', str(out)]  # fmt: skip
+    assert main(args) == 0
+    rows = {r['model']: r for r in json.loads(out.read_text())['results']}
+    assert set(rows) == {'resnet50', 'hs_resnet26'}
+    for row in rows.values():
+        assert row['path'] == 'optimized_compiled' and row['runtime'] == 'OptimizedModel(OptimizedModule)'
+        assert row['batchnorm_layers'] == 0 and row['samples_per_sec'] > 0
+    assert rows['resnet50']['samples_per_sec_paired_ratio'] == 1.0
+
+
+@pytest.mark.parametrize('path', ['onnxruntime', 'openvino', 'optimized', 'optimized_compiled'])
 def test_benchmark_training_refuses_inference_only_paths(path):
     with pytest.raises(SystemExit, match=f'--bench train runs the torch paths only .*; {path} is inference only'):
         main(['benchmark', '-m', 'hs_resnet26', '--bench', 'train', '--paths', 'eager', path])

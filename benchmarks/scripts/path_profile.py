@@ -1,9 +1,11 @@
-"""Where a forward's time goes in the deployed inference paths (onnxruntime, OpenVINO, torch.compile), by kind of
-op, for hs_resnet50, resnet50 and res2net50_26w_4s, and where hs_resnet50's extra time against resnet50 goes
-(docs/performance.md, "What limits it"). fp32, 224 px, the benchmark's threads.
+"""Where a forward's time goes in the deployed inference paths (onnxruntime, OpenVINO, torch.compile,
+``hsresnet.optimize``), by kind of op, for hs_resnet50, resnet50 and res2net50_26w_4s, and where hs_resnet50's extra
+time against resnet50 goes (docs/performance.md, "What limits it"). 224 px, the benchmark's threads, fp32 except
+``optimized`` on a machine with native bf16 (where ``optimize`` runs in bf16).
 
 Each model is built through the path by ``hsresnet.benchmark.build`` (the exported paths: the ONNX file that
-``exported_runner`` writes; compiled: ``torch.compile``, default mode), then profiled by the runtime's own profiler:
+``exported_runner`` writes; compiled: ``torch.compile``, default mode; optimized: ``hsresnet.optimize``), then
+profiled by the runtime's own profiler:
 
 - onnxruntime: a second session on the same ONNX file with ``exported_runner``'s options plus
   ``SessionOptions.enable_profiling``; the JSON trace's node times within each run, by op type. Convolutions are
@@ -18,9 +20,12 @@ Each model is built through the path by ``hsresnet.benchmark.build`` (the export
   for some batch-1 convs), inductor's fused kernels that write into a concat (``fused, cat``: a cascade step's BN
   and ReLU into its concat buffer) and the other fused kernels (BN, ReLU, residual add), copies (channel slices
   made contiguous for a conv), the compiled graph's Python and allocations, and the rest.
+- optimized: ``torch.profiler`` over the eager forwards of the BN-folded, channels_last (bf16) model: convolutions,
+  elementwise ops (the ReLUs the HS block writes into its output buffers, residual adds), copies (``x_1`` into the
+  output buffer, concats, the input's cast and layout change), pooling, and the rest.
 
-The OpenVINO and compiled convs are also split by width: ``x16`` where every channel count per group is a multiple
-of the fp32 kernels' channel block (16 with AVX-512, else 8; the 3-channel stem counts with them), ``odd``
+The OpenVINO and torch convs are also split by width: ``x16`` where every channel count per group is a multiple
+of the kernels' channel block (16 with AVX-512, else 8; the 3-channel stem counts with them), ``odd``
 otherwise. MACs per conv category come from the shapes the runtime reports (onnxruntime's NCHWc shapes include
 the padding). ``unattributed``: wall time of the profiled forwards minus the ops' times (runtime overhead).
 
@@ -32,6 +37,7 @@ can be re-run on its own into the same ``--output`` file (at a quieter time, say
 
     python benchmarks/scripts/path_profile.py [--batch-size 8] [--paths onnxruntime openvino compiled] \
         [--threads 2] [--repeats 2] [--rounds 9] [--output benchmarks/results/path-profile-2026-12-04.json]
+    python benchmarks/scripts/path_profile.py --paths optimized [-b 8]
 """
 
 import argparse
@@ -48,11 +54,12 @@ import numpy as np
 import torch
 from _common import make_parser, start
 
-from hsresnet.benchmark import build, kept_signal_stack, machine_info
+from hsresnet.benchmark import EXPORTED_PATHS, build, kept_signal_stack, machine_info
+from hsresnet.optimize import fast_bf16_available
 
 MODELS = ('hs_resnet50', 'resnet50', 'res2net50_26w_4s')
 BASE = 'resnet50'
-PATHS = ('onnxruntime', 'openvino', 'compiled')
+PATHS = ('onnxruntime', 'openvino', 'compiled', 'optimized')
 CONV_X16, CONV_ODD = 'conv x16', 'conv odd'
 CATEGORIES = {  # printing order; a category no model has is not printed
     'onnxruntime': ('conv NCHWc', 'conv NCHW', 'reorder', 'concat', 'split/slice', 'add', 'relu', 'batchnorm', 'pool',
@@ -60,6 +67,7 @@ CATEGORIES = {  # printing order; a category no model has is not printed
     'openvino': (CONV_X16, CONV_ODD, 'reorder', 'concat', 'split/slice', 'eltwise', 'pool', 'other', 'unattributed'),
     'compiled': (CONV_X16, CONV_ODD, 'fused, cat', 'fused, other', 'copies', 'graph overhead', 'other',
                  'unattributed'),
+    'optimized': (CONV_X16, CONV_ODD, 'eltwise', 'copies', 'pool', 'other', 'unattributed'),
 }  # fmt: skip
 CONV_CATEGORIES = (CONV_X16, CONV_ODD, 'conv NCHWc', 'conv NCHW')
 # one forward: ms per category, MACs per conv category, op calls per category
@@ -264,11 +272,27 @@ def compiled_category(name: str, shapes: Sequence[Sequence[int]]) -> str:
     return 'other'
 
 
-class CompiledProfiler:
-    """``torch.profiler`` over forwards of the compiled model (self CPU time of every op and generated kernel)."""
+def optimized_category(name: str, shapes: Sequence[Sequence[int]]) -> str:
+    """The category of one profiler event of an eager forward of the optimized model (its self time)."""
+    if name in CONV_OPS:
+        x, weight = shapes[0], shapes[1]
+        return conv_width(x[1], weight[0], x[1] // weight[1])
+    if name in ('aten::clamp_min', 'aten::relu', 'aten::relu_', 'aten::add', 'aten::add_'):
+        return 'eltwise'
+    if name in ('aten::copy_', 'aten::cat', 'aten::clone', 'aten::contiguous', 'aten::_to_copy'):
+        return 'copies'
+    if name in ('aten::max_pool2d', 'aten::avg_pool2d', 'aten::adaptive_avg_pool2d', 'aten::mean'):
+        return 'pool'
+    return 'other'
 
-    def __init__(self, run: Callable[[torch.Tensor], Any]) -> None:
+
+class TorchProfiler:
+    """``torch.profiler`` over forwards of a torch model, compiled or eager (self CPU time of every op and generated
+    kernel), each event put in a category by ``category(name, input_shapes)``."""
+
+    def __init__(self, run: Callable[[torch.Tensor], Any], category: Callable[[str, Sequence], str]) -> None:
         self.model = run
+        self.category = category
         self.profiles: List[Profile] = []
 
     def profile_round(self, x: torch.Tensor, n: int) -> None:
@@ -281,7 +305,7 @@ class CompiledProfiler:
             wall = (time.perf_counter() - begin) * 1e3
         total: Profile = ({}, {}, {})
         for e in prof.events():
-            category = compiled_category(e.name, e.input_shapes)
+            category = self.category(e.name, e.input_shapes)
             macs = self._conv_macs(e) if CONV_OPS.get(e.name) else 0.0
             _add(total, category, e.self_cpu_time_total / 1e3, macs)
         self.profiles.append(_scaled(total, n, wall))
@@ -349,7 +373,8 @@ def profile_path(path: str, models: Sequence[str], args: argparse.Namespace, wor
         elif path == 'openvino':
             profilers[name] = OvProfiler(onnx_file, args.batch_size)
         else:
-            profilers[name] = CompiledProfiler(built_path.run)
+            category = compiled_category if path == 'compiled' else optimized_category
+            profilers[name] = TorchProfiler(built_path.run, category)
         runners[name] = built_path.run
         with torch.inference_mode():
             for _ in range(args.warmup):  # compiled: the first call compiles
@@ -358,7 +383,7 @@ def profile_path(path: str, models: Sequence[str], args: argparse.Namespace, wor
         print(f'  {path}: {name} built and warmed up in {build_s[name]:.0f} s', flush=True)
     x_np = x.numpy()
     for name in models:
-        if path != 'compiled':
+        if path in EXPORTED_PATHS:
             for _ in range(args.warmup):
                 profilers[name].run(x_np)
             profilers[name].end_round(keep=False)
@@ -373,7 +398,7 @@ def profile_path(path: str, models: Sequence[str], args: argparse.Namespace, wor
                 for _ in range(args.repeats):
                     runners[name](x)
                 unprofiled[name].append((time.perf_counter() - begin) * 1e3 / args.repeats)
-            if path == 'compiled':
+            if path not in EXPORTED_PATHS:
                 profilers[name].profile_round(x, args.repeats)
             else:
                 for _ in range(args.repeats):
@@ -447,6 +472,7 @@ def main() -> None:
         'batch_size': args.batch_size,
         'img_size': 224,
         'channel_block': channel_block(),
+        'optimized_dtype': 'bfloat16' if fast_bf16_available() else 'float32',
         'units': 'ms per forward (median over the rounds kept); conv_gmacs per forward; calls: ops per forward',
         'paths': {},
     }

@@ -1,13 +1,17 @@
-"""torch.profiler on a training step of hs_resnet50 (batch 8) with the production block and with the plain reference
-block, same weights: self CPU time per op, and the backward time of each conv weight shape, where they differ most;
-medians over profiled steps that alternate between the two models (docs/performance.md, "The AVX2 machine again").
+"""torch.profiler on a training step (batch 8) of two models, by default hs_resnet50 with the production block and
+with the plain reference block (same weights): self CPU time per op, and the backward time of each conv weight shape,
+where they differ most; medians over profiled steps that alternate between the two models (docs/performance.md,
+"Training"). ``name@reference`` is the model with the reference block; ``--amp`` trains in bf16 autocast with model
+and input channels_last, as ``hsresnet train --amp --channels-last`` does.
 
-    python benchmarks/scripts/profile_train_step.py [--threads 2] [--repeats 5] [--top 12]
+    python benchmarks/scripts/profile_train_step.py [--models hs_resnet50 resnet50] [--amp] [--threads 2] \
+        [--repeats 5] [--top 12]
 """
 
 import collections
 import copy
 import statistics
+from functools import partial
 from typing import Callable, Counter, Dict, List, Tuple
 
 import timm
@@ -31,6 +35,11 @@ def profile_step(step: Callable[[], None]) -> Tuple[Counter, Counter]:
     return ops, conv_backward
 
 
+def autocast_step(step: Callable[[], None]) -> None:
+    with torch.autocast('cpu', torch.bfloat16):
+        step()
+
+
 def medians(tables: List[Counter]) -> Counter:
     """Per key, the median over the rounds (0 where a round lacks the key)."""
     return collections.Counter({k: statistics.median(t[k] for t in tables) for k in set().union(*tables)})
@@ -47,11 +56,21 @@ def print_differences(title: str, tables: Dict[str, Counter], top: int) -> None:
 def main() -> None:
     parser = make_parser(__doc__, repeats=5)
     parser.add_argument('--top', type=int, default=12)
+    parser.add_argument('--models', nargs=2, default=['hs_resnet50', 'hs_resnet50@reference'])
+    parser.add_argument('--amp', action='store_true', help='bf16 autocast, model and input channels_last')
     args = start(parser)
-    production = timm.create_model('hs_resnet50')
-    reference = to_reference(copy.deepcopy(production))
-    x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 1000, (8,))
-    steps = {'production': training_step(production, x, y), 'reference': training_step(reference, x, y)}
+    memory_format = torch.channels_last if args.amp else torch.contiguous_format
+    x, y = torch.randn(8, 3, 224, 224).to(memory_format=memory_format), torch.randint(0, 1000, (8,))
+    models = {}
+    for name in args.models:
+        base, _, kind = name.partition('@')
+        models[name] = copy.deepcopy(models[base]) if base in models else timm.create_model(base)
+        if kind == 'reference':
+            to_reference(models[name])
+    steps = {}
+    for name, model in models.items():
+        step = training_step(model.to(memory_format=memory_format), x, y)
+        steps[name] = partial(autocast_step, step) if args.amp else step
     for step in steps.values():  # warm-up
         step()
         step()

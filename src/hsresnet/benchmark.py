@@ -60,13 +60,14 @@ TRAIN_MAC_FACTOR = 3  # a training step = forward + backward; by convention 3x t
 RATIO_KEYS = ('samples_per_sec', 'step_time_ms', 'gmac_per_sec', 'peak_mem_mb_per_image', 'param_count_m', 'gmacs')
 PAIRED_KEYS = ('samples_per_sec', 'step_time_ms', 'gmac_per_sec')  # ratios taken round by round
 TRAIN_PATHS = ('eager', 'amp', 'channels_last', 'amp_channels_last', 'compiled')  # the torch paths
-PATHS = TRAIN_PATHS + ('optimized', 'onnxruntime', 'openvino')  # the last three: inference only
+PATHS = TRAIN_PATHS + ('optimized', 'optimized_compiled', 'onnxruntime', 'openvino')  # the last four: inference only
 EXPORTED_PATHS = ('onnxruntime', 'openvino')  # the model exported to ONNX and run outside torch
 PATH_HELP = (
     'eager: fp32; amp: autocast to --amp-dtype; channels_last: model and input NHWC; amp_channels_last: both; '
     'compiled: torch.compile (mode from --torchcompile, else default); optimized: hsresnet.optimize(model) (BN '
-    'folded, channels_last, bf16 where native); onnxruntime / openvino: exported by torch.onnx (dynamo), run by '
-    'onnxruntime (on the --device) / OpenVINO (CPU), fp32, with the same threads. The last three are inference only.'
+    'folded, channels_last, bf16 where native); optimized_compiled: hsresnet.optimize(model, compile=True) (the same, '
+    'compiled by inductor with freezing); onnxruntime / openvino: exported by torch.onnx (dynamo), run by onnxruntime '
+    '(on the --device) / OpenVINO (CPU), fp32, with the same threads. The last four are inference only.'
 )
 SHORTHAND_HELP = (
     'Without --paths, --amp/--channels-last pick the path (eager, amp, channels_last, amp_channels_last); with '
@@ -342,10 +343,15 @@ def build(
     run: nn.Module = model
     if path == 'optimized':
         run = optimize(model)
+    elif path == 'optimized_compiled':
+        run = optimize(model, compile=True)
     elif path == 'compiled':
         run = torch.compile(model, mode=args.torchcompile or 'default')
     batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in run.modules())
-    return Built(model, run, type(run).__name__, batchnorms)
+    runtime = type(run).__name__
+    if path == 'optimized_compiled':  # OptimizedModel(OptimizedModule): torch.compile's wrapper inside
+        runtime += f'({type(run.model).__name__})'
+    return Built(model, run, runtime, batchnorms)
 
 
 class _SignalStack(ctypes.Structure):
