@@ -73,6 +73,29 @@ def test_optimize_bf16_close_to_eager(model, fashion_images):
     assert cos.min() > 0.99, cos.min()
 
 
+@pytest.mark.parametrize(
+    'kwargs',
+    [
+        {'w': 13, 's': 2},
+        {'w': 8, 's': 5, 'down': 'conv'},
+        {'w': 6, 's': 8},
+        {'w': 12, 's': 3, 'output_stride': 16},  # a dilated stage 4: stride-1 HS blocks with dilation 2
+        {'w': 10, 's': 4, 'down': 'conv', 'output_stride': 8},
+    ],
+)
+def test_optimize_matches_eager_across_the_family(kwargs):
+    """The deployment form (BN folded, channels_last; fp32 and bf16) computes what the eager model does for every
+    (w, s), both downsampling modes and a dilated network."""
+    torch.manual_seed(0)
+    model = randomize_norms(timm.create_model('hs_resnet26', num_classes=10, **kwargs)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+        torch.testing.assert_close(optimize(model, bf16=False)(x), expected, rtol=1e-4, atol=1e-4)
+        cos = nn.functional.cosine_similarity(optimize(model, bf16=True)(x), expected, dim=1)
+    assert cos.min() > 0.99, cos.min()
+
+
 def test_optimize_refuses_non_module():
     with pytest.raises(ValueError, match='nn.Module'):
         optimize(lambda x: x)

@@ -382,8 +382,8 @@ def exported_runner(
     model: nn.Module, onnx_file: str, path: str, batch: int, device: torch.device, args: argparse.Namespace
 ) -> Tuple[Callable[[torch.Tensor], Any], str]:
     """Export ``model`` (eval, float32) to ``onnx_file`` with torch.onnx's dynamo exporter, unless it is there, and
-    load it into onnxruntime (on ``device``) or OpenVINO (CPU), fp32, with as many intra-op threads as torch uses.
-    Returns a runner of CPU batches and the runtime's name."""
+    load it into onnxruntime (on ``device``; on a GPU through its TensorRT provider where installed) or OpenVINO (CPU),
+    fp32, with as many intra-op threads as torch uses. Returns a runner of CPU batches and the runtime's name."""
     from .classification.export import write_onnx
 
     if not os.path.exists(onnx_file):
@@ -404,11 +404,16 @@ def exported_runner(
     # onnxruntime's threads otherwise spin-wait after each run and slow the next model of the round
     options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     provider = 'CUDAExecutionProvider' if device.type == 'cuda' else 'CPUExecutionProvider'
-    if provider not in ort.get_available_providers():
+    available = ort.get_available_providers()
+    if provider not in available:
         raise SystemExit(f'hsresnet benchmark: onnxruntime has no {provider} here; drop the onnxruntime path.')
-    session = ort.InferenceSession(onnx_file, options, providers=[provider])
+    # on a GPU, TensorRT where onnxruntime has it (the CUDA provider runs what TensorRT does not take)
+    providers = (['TensorrtExecutionProvider'] if device.type == 'cuda' and 'TensorrtExecutionProvider' in available
+                 else []) + [provider]  # fmt: skip
+    session = ort.InferenceSession(onnx_file, options, providers=providers)
     name = session.get_inputs()[0].name
-    return (lambda x: session.run(None, {name: x.numpy()})), 'onnxruntime.InferenceSession'
+    runtime = 'onnxruntime.InferenceSession' + (f'({providers[0]})' if device.type == 'cuda' else '')
+    return (lambda x: session.run(None, {name: x.numpy()})), runtime
 
 
 def bench_group(
