@@ -90,6 +90,23 @@ def aligned(model: nn.Module) -> nn.Module:
     return model
 
 
+def ort_layout(onnx_file: str) -> str:
+    """Node counts of the graph onnxruntime runs (all optimizations): blocked (NCHWc) and plain convs, reorders."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = onnx_file + '.optimized'
+    options.log_severity_level = 3  # not the warning that the saved graph is hardware-specific
+    ort.InferenceSession(onnx_file, options, providers=['CPUExecutionProvider'])
+    nodes = onnx.load(options.optimized_model_filepath).graph.node
+    blocked = [n.op_type for n in nodes if n.domain == 'com.microsoft.nchwc']
+    plain_convs = sum(n.op_type in ('Conv', 'FusedConv') and n.domain != 'com.microsoft.nchwc' for n in nodes)
+    reorders = sum(t.startswith('Reorder') for t in blocked)
+    return f'{blocked.count("Conv")} NCHWc convs, {plain_convs} plain convs, {reorders} layout reorders'
+
+
 def main() -> None:
     parser = make_parser(__doc__, repeats=11)
     args = start(parser)
@@ -115,6 +132,9 @@ def main() -> None:
                     name: exported_runner(m, os.path.join(folder, f'{i}-{batch}.onnx'), path, batch, x.device, args)[0]
                     for i, (name, m) in enumerate(models.items())
                 }
+                if path == 'onnxruntime' and batch == 8:
+                    for i, name in enumerate(models):
+                        print(f'{name}: {ort_layout(os.path.join(folder, f"{i}-{batch}.onnx"))}', flush=True)
                 xb = torch.randn(batch, 3, 224, 224)
                 calls = {name: partial(run, xb) for name, run in runners.items()}
                 times = interleaved_times(calls, args.repeats)
