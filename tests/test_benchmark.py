@@ -21,6 +21,7 @@ from hsresnet.benchmark import (
     resolve_paths,
 )
 from hsresnet.cli import main
+from hsresnet.optimize import fast_bf16_available
 
 
 def test_benchmark_cli_inference_and_train(tmp_path, capsys):
@@ -109,11 +110,14 @@ def test_kept_signal_stack_puts_the_old_one_back():
     assert signal_stack() == before
 
 
-def test_benchmark_openvino_path(tmp_path):
+def test_benchmark_openvino_paths(tmp_path):
+    """OpenVINO in fp32 and in bf16 (where the CPU has native bf16: the row says which precision ran), every model
+    through both, the signal stack kept."""
     pytest.importorskip('openvino')
     out = tmp_path / 'r.json'
     args = ['benchmark', '-m', 'hs_resnet26', '--baselines', '', '--ratio-base', 'resnet18', '--no-reference',
-            '--paths', 'eager', 'openvino', '--bench', 'inference', '-b', '2', '--img-size', '32', '--warmup', '1',
+            '--paths', 'eager', 'openvino', 'openvino_bf16', '--bench', 'inference', '-b', '2', '--img-size', '32',
+            '--warmup', '1',
             '--repeats', '2', '--threads', '1', '--num-classes', '10', '--no-memory',
             '--results-file', str(out)]  # fmt: skip
     stack = signal_stack()
@@ -121,11 +125,15 @@ def test_benchmark_openvino_path(tmp_path):
     # OpenVINO leaves the thread on a signal stack it freed; a SIGCHLD handler (torch's DataLoader) then segfaults
     assert signal_stack() == stack
     rows = {(r['model'], r['path']): r for r in json.loads(out.read_text())['results']}
-    assert set(rows) == {(m, p) for m in ('resnet18', 'hs_resnet26') for p in ('eager', 'openvino')}
+    paths = ('eager', 'openvino', 'openvino_bf16')
+    assert set(rows) == {(m, p) for m in ('resnet18', 'hs_resnet26') for p in paths}
+    bf16 = 'bf16' if fast_bf16_available() else 'f32'
     for m in ('resnet18', 'hs_resnet26'):
-        assert rows[m, 'openvino']['runtime'] == 'openvino.CompiledModel' and rows[m, 'openvino']['samples_per_sec'] > 0
-        assert rows[m, 'openvino']['peak_mem_mb_per_image'] is None
-    assert rows['resnet18', 'openvino']['samples_per_sec_paired_ratio'] == 1.0
+        assert rows[m, 'openvino']['runtime'] == 'openvino.CompiledModel(f32)'
+        assert rows[m, 'openvino_bf16']['runtime'] == f'openvino.CompiledModel({bf16})'
+        for p in ('openvino', 'openvino_bf16'):
+            assert rows[m, p]['samples_per_sec'] > 0 and rows[m, p]['peak_mem_mb_per_image'] is None
+            assert rows['resnet18', p]['samples_per_sec_paired_ratio'] == 1.0
 
 
 @pytest.mark.slow
@@ -144,7 +152,7 @@ def test_benchmark_optimized_compiled_path_compiles_every_model(tmp_path):
     assert rows['resnet50']['samples_per_sec_paired_ratio'] == 1.0
 
 
-@pytest.mark.parametrize('path', ['onnxruntime', 'openvino', 'optimized', 'optimized_compiled'])
+@pytest.mark.parametrize('path', ['onnxruntime', 'openvino', 'openvino_bf16', 'optimized', 'optimized_compiled'])
 def test_benchmark_training_refuses_inference_only_paths(path):
     with pytest.raises(SystemExit, match=f'--bench train runs the torch paths only .*; {path} is inference only'):
         main(['benchmark', '-m', 'hs_resnet26', '--bench', 'train', '--paths', 'eager', path])

@@ -60,14 +60,16 @@ TRAIN_MAC_FACTOR = 3  # a training step = forward + backward; by convention 3x t
 RATIO_KEYS = ('samples_per_sec', 'step_time_ms', 'gmac_per_sec', 'peak_mem_mb_per_image', 'param_count_m', 'gmacs')
 PAIRED_KEYS = ('samples_per_sec', 'step_time_ms', 'gmac_per_sec')  # ratios taken round by round
 TRAIN_PATHS = ('eager', 'amp', 'channels_last', 'amp_channels_last', 'compiled')  # the torch paths
-PATHS = TRAIN_PATHS + ('optimized', 'optimized_compiled', 'onnxruntime', 'openvino')  # the last four: inference only
-EXPORTED_PATHS = ('onnxruntime', 'openvino')  # the model exported to ONNX and run outside torch
+EXPORTED_PATHS = ('onnxruntime', 'openvino', 'openvino_bf16')  # the model exported to ONNX and run outside torch
+PATHS = TRAIN_PATHS + ('optimized', 'optimized_compiled') + EXPORTED_PATHS  # all but the torch paths: inference only
+RUNTIME_OF_PATH = {'onnxruntime': 'onnxruntime', 'openvino': 'openvino', 'openvino_bf16': 'openvino'}
 PATH_HELP = (
     'eager: fp32; amp: autocast to --amp-dtype; channels_last: model and input NHWC; amp_channels_last: both; '
     'compiled: torch.compile (mode from --torchcompile, else default); optimized: hsresnet.optimize(model) (BN '
     'folded, channels_last, bf16 where native); optimized_compiled: hsresnet.optimize(model, compile=True) (the same, '
     'compiled by inductor with freezing); onnxruntime / openvino: exported by torch.onnx (dynamo), run by onnxruntime '
-    '(on the --device) / OpenVINO (CPU), fp32, with the same threads. The last four are inference only.'
+    '(on the --device) / OpenVINO (CPU), fp32, with the same threads; openvino_bf16: OpenVINO in bf16 (where the CPU '
+    'has native bf16; elsewhere OpenVINO stays in fp32). All but the torch paths are inference only.'
 )
 SHORTHAND_HELP = (
     'Without --paths, --amp/--channels-last pick the path (eager, amp, channels_last, amp_channels_last); with '
@@ -164,9 +166,10 @@ def check_paths(paths: Sequence[str], args: argparse.Namespace, device: torch.de
     if args.sweep and len(paths) > 1:
         raise SystemExit('hsresnet benchmark: --sweep runs one path; give one of --paths.')
     for path in sorted(set(paths) & set(EXPORTED_PATHS)):  # a missing runtime is refused before anything runs
-        importlib.import_module(path)
-    if 'openvino' in paths and device.type != 'cpu':
-        raise SystemExit('hsresnet benchmark: the openvino path runs on the CPU; use --device cpu for it.')
+        importlib.import_module(RUNTIME_OF_PATH[path])
+    openvino = [p for p in paths if RUNTIME_OF_PATH.get(p) == 'openvino']
+    if openvino and device.type != 'cpu':
+        raise SystemExit(f'hsresnet benchmark: the {", ".join(openvino)} path runs on the CPU; use --device cpu.')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -389,13 +392,17 @@ def exported_runner(
     if not os.path.exists(onnx_file):
         write_onnx(model.cpu().eval(), torch.randn(batch, args.in_chans, args.img_size, args.img_size), onnx_file)
     threads = torch.get_num_threads()
-    if path == 'openvino':
+    if RUNTIME_OF_PATH[path] == 'openvino':
         import openvino as ov
 
         core = ov.Core()
-        config = {'INFERENCE_NUM_THREADS': threads, 'INFERENCE_PRECISION_HINT': 'f32', 'PERFORMANCE_HINT': 'LATENCY'}
-        request = core.compile_model(core.read_model(onnx_file), 'CPU', config).create_infer_request()
-        return (lambda x: request.infer({0: x.numpy()})), 'openvino.CompiledModel'
+        precision = 'bf16' if path == 'openvino_bf16' else 'f32'
+        config = {'INFERENCE_NUM_THREADS': threads, 'INFERENCE_PRECISION_HINT': precision}
+        config['PERFORMANCE_HINT'] = 'LATENCY'
+        compiled = core.compile_model(core.read_model(onnx_file), 'CPU', config)
+        request = compiled.create_infer_request()
+        used = compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()  # what runs: bf16 needs native bf16
+        return (lambda x: request.infer({0: x.numpy()})), f'openvino.CompiledModel({used})'
     import onnxruntime as ort
 
     options = ort.SessionOptions()

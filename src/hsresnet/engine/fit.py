@@ -317,7 +317,7 @@ def _fit(task: Any, cfg: Any, info: DistInfo) -> Dict[str, Any]:
                     save_weights(output / 'model_best.safetensors', best_weights, _meta(task, cfg, epoch + 1))
         row['epoch_time_s'] = time.time() - epoch_start
         logger.log_epoch(row)
-        log(info, 'epoch ' + ' '.join(f'{k}={_fmt(v)}' for k, v in row.items()))
+        log(info, ' '.join(f'{k}={_fmt(v)}' for k, v in row.items()))
         if info.is_main:
             save_checkpoint(output / 'last', model, training_state(epoch + 1, global_step), _meta(task, cfg, epoch + 1))
         barrier()
