@@ -1,7 +1,7 @@
 """Where a forward's time goes in the deployed inference paths (onnxruntime, OpenVINO, torch.compile,
 ``hsresnet.optimize``), by kind of op, for hs_resnet50, resnet50 and res2net50_26w_4s, and where hs_resnet50's extra
 time against resnet50 goes (docs/performance.md, "What limits it"). 224 px, the benchmark's threads, fp32 except
-``optimized`` on a machine with native bf16 (where ``optimize`` runs in bf16).
+``openvino_bf16`` and, on a machine with native bf16, ``optimized`` (where ``optimize`` runs in bf16).
 
 Each model is built through the path by ``hsresnet.benchmark.build`` (the exported paths: the ONNX file that
 ``exported_runner`` writes; compiled: ``torch.compile``, default mode; optimized: ``hsresnet.optimize``), then
@@ -11,9 +11,9 @@ profiled by the runtime's own profiler:
   ``SessionOptions.enable_profiling``; the JSON trace's node times within each run, by op type. Convolutions are
   split by layout: ``NCHWc`` (onnxruntime's blocked kernels; its layout pass pads channel counts to the block) and
   plain ``NCHW`` (the convs the layout pass leaves out: im2col + GEMM, their adds and ReLUs not fused).
-- openvino: the ONNX file compiled with ``exported_runner``'s config plus ``PERF_COUNT``; ``get_profiling_info()``
-  real time by node type (ops fused into a conv are not run and cost nothing). The plugin's counters are running
-  means over every infer, so a round's time is the difference of mean x count at its ends.
+- openvino, openvino_bf16: the ONNX file compiled with ``exported_runner``'s config plus ``PERF_COUNT``;
+  ``get_profiling_info()`` real time by node type (ops fused into a conv are not run and cost nothing). The plugin's
+  counters are running means over every infer, so a round's time is the difference of mean x count at its ends.
 - compiled: ``torch.profiler`` over forwards of the compiled model, built with inductor's
   ``cpp.enable_kernel_profile`` so that each generated C++ kernel shows by name; self CPU time by kind:
   convolutions (``aten::mkldnn_convolution``, oneDNN called outside the generated code, or torch's im2col kernel
@@ -59,7 +59,7 @@ from hsresnet.optimize import fast_bf16_available
 
 MODELS = ('hs_resnet50', 'resnet50', 'res2net50_26w_4s')
 BASE = 'resnet50'
-PATHS = ('onnxruntime', 'openvino', 'compiled', 'optimized')
+PATHS = ('onnxruntime', 'openvino', 'openvino_bf16', 'compiled', 'optimized')
 CONV_X16, CONV_ODD = 'conv x16', 'conv odd'
 CATEGORIES = {  # printing order; a category no model has is not printed
     'onnxruntime': ('conv NCHWc', 'conv NCHW', 'reorder', 'concat', 'split/slice', 'add', 'relu', 'batchnorm', 'pool',
@@ -69,6 +69,7 @@ CATEGORIES = {  # printing order; a category no model has is not printed
                  'unattributed'),
     'optimized': (CONV_X16, CONV_ODD, 'eltwise', 'copies', 'pool', 'other', 'unattributed'),
 }  # fmt: skip
+CATEGORIES['openvino_bf16'] = CATEGORIES['openvino']
 CONV_CATEGORIES = (CONV_X16, CONV_ODD, 'conv NCHWc', 'conv NCHW')
 # one forward: ms per category, MACs per conv category, op calls per category
 Profile = Tuple[Dict[str, float], Dict[str, float], Dict[str, int]]
@@ -191,16 +192,17 @@ def ov_category(node_type: str) -> str:
 
 
 class OvProfiler:
-    """The ONNX file compiled by OpenVINO's CPU plugin with ``exported_runner``'s config plus ``PERF_COUNT``.
+    """The ONNX file compiled by OpenVINO's CPU plugin with ``exported_runner``'s config (``precision`` f32 or bf16)
+    plus ``PERF_COUNT``.
 
     The plugin's counters are running means over every infer of the request (total / count, in microseconds), so a
     round's time per node is the difference of mean x count at its ends."""
 
-    def __init__(self, onnx_file: str, batch: int) -> None:
+    def __init__(self, onnx_file: str, batch: int, precision: str = 'f32') -> None:
         import openvino as ov
 
         core = ov.Core()
-        config = {'INFERENCE_NUM_THREADS': torch.get_num_threads(), 'INFERENCE_PRECISION_HINT': 'f32',
+        config = {'INFERENCE_NUM_THREADS': torch.get_num_threads(), 'INFERENCE_PRECISION_HINT': precision,
                   'PERFORMANCE_HINT': 'LATENCY', 'PERF_COUNT': True}  # fmt: skip
         compiled = core.compile_model(core.read_model(onnx_file), 'CPU', config)
         self.request = compiled.create_infer_request()
@@ -370,8 +372,8 @@ def profile_path(path: str, models: Sequence[str], args: argparse.Namespace, wor
         onnx_file = os.path.join(work_dir, f'{name}-{args.batch_size}.onnx')  # as build() names it
         if path == 'onnxruntime':
             profilers[name] = OrtProfiler(onnx_file, work_dir)
-        elif path == 'openvino':
-            profilers[name] = OvProfiler(onnx_file, args.batch_size)
+        elif path.startswith('openvino'):
+            profilers[name] = OvProfiler(onnx_file, args.batch_size, 'bf16' if path == 'openvino_bf16' else 'f32')
         else:
             category = compiled_category if path == 'compiled' else optimized_category
             profilers[name] = TorchProfiler(built_path.run, category)
@@ -412,7 +414,7 @@ def profile_path(path: str, models: Sequence[str], args: argparse.Namespace, wor
             unprofiled[name][i] for i in undisturbed(unprofiled[name], args.slack)
         )
         entry['build_and_warmup_s'] = build_s[name]
-        if path == 'openvino':
+        if path.startswith('openvino'):
             entry['exec_types'] = profilers[name].exec_types
         result[name] = entry
     return result
