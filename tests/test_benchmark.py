@@ -13,6 +13,7 @@ from hsresnet.benchmark import (
     _meta_model,
     add_arguments,
     budget_width,
+    check_paths,
     count_macs,
     paired_ratio,
     peak_memory,
@@ -156,6 +157,16 @@ def test_benchmark_optimized_compiled_path_compiles_every_model(tmp_path):
 def test_benchmark_training_refuses_inference_only_paths(path):
     with pytest.raises(SystemExit, match=f'--bench train runs the torch paths only .*; {path} is inference only'):
         main(['benchmark', '-m', 'hs_resnet26', '--bench', 'train', '--paths', 'eager', path])
+
+
+@pytest.mark.parametrize('path', ['openvino', 'openvino_bf16'])
+def test_openvino_paths_refuse_a_gpu(path):
+    pytest.importorskip('openvino')
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(['--paths', 'eager', path])
+    with pytest.raises(SystemExit, match=f'the {path} path runs on the CPU; use --device cpu'):
+        check_paths(resolve_paths(args), args, torch.device('cuda'))
 
 
 def test_benchmark_shorthand_flags_name_paths():
