@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..optimize import fast_bf16_available
 from .allocator import keep_freed_memory
+from .batchnorm import use_wide_batchnorm
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint, save_weights
 from .config import config_to_dict
 from .distributed import (
@@ -156,6 +157,8 @@ def _fit(task: Any, cfg: Any, info: DistInfo) -> Dict[str, Any]:
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+        if device.type == 'cpu':  # PyTorch's CPU batch norm is slow on narrow channels_last tensors
+            use_wide_batchnorm(model)
     train_loader, val_loader = task.build_loaders(info)
     if len(train_loader) == 0:
         raise ValueError('the training loader is empty: the dataset holds fewer samples than one batch (-b).')
