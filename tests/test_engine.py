@@ -195,6 +195,33 @@ def test_fit_records_and_grad_accumulation(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
+class NarrowNormTask(ToyTask):
+    """The toy net with batch norms of 8 and 32 channels; records the norm classes the engine trains with."""
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Conv2d(8, 32, 3, stride=2),
+            nn.BatchNorm2d(32), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        )  # fmt: skip
+
+    def training_step(self, model, batch):
+        self.norms = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.BatchNorm2d)})
+        return super().training_step(model, batch)
+
+
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_channels_last_cpu_runs_train_with_the_wide_batchnorm(tmp_path, channels_last):
+    """A channels_last CPU run trains its batch norms as ``WideBatchNorm2d`` (engine/batchnorm.py), which takes only
+    the narrow ones; the saved weights load into the plain model."""
+    cfg = make_cfg(tmp_path, '--epochs', '1', '-b', '32', *(['--channels-last'] if channels_last else []))
+    task = NarrowNormTask(cfg)
+    summary = fit(task, cfg)
+    assert task.norms == (['WideBatchNorm2d'] if channels_last else ['BatchNorm2d'])
+    assert summary['acc'] > 10.0
+    weights, _ = load_weights(Path(cfg.output) / 'model.safetensors')
+    task.build_model().load_state_dict(weights)
+
+
 def test_bad_resume_changes_nothing(tmp_path):
     cfg = make_cfg(tmp_path, '--epochs', '1', '-b', '64')
     fit(ToyTask(cfg), cfg)
