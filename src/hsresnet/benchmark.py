@@ -396,9 +396,11 @@ def exported_runner(
         import openvino as ov
 
         core = ov.Core()
-        precision = 'bf16' if path == 'openvino_bf16' else 'f32'
-        config = {'INFERENCE_NUM_THREADS': threads, 'INFERENCE_PRECISION_HINT': precision}
-        config['PERFORMANCE_HINT'] = 'LATENCY'
+        config = {
+            'INFERENCE_NUM_THREADS': threads,
+            'INFERENCE_PRECISION_HINT': 'bf16' if path == 'openvino_bf16' else 'f32',
+            'PERFORMANCE_HINT': 'LATENCY',
+        }
         compiled = core.compile_model(core.read_model(onnx_file), 'CPU', config)
         request = compiled.create_infer_request()
         used = compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()  # what runs: bf16 needs native bf16
@@ -414,9 +416,9 @@ def exported_runner(
     available = ort.get_available_providers()
     if provider not in available:
         raise SystemExit(f'hsresnet benchmark: onnxruntime has no {provider} here; drop the onnxruntime path.')
-    # on a GPU, TensorRT where onnxruntime has it (the CUDA provider runs what TensorRT does not take)
-    providers = (['TensorrtExecutionProvider'] if device.type == 'cuda' and 'TensorrtExecutionProvider' in available
-                 else []) + [provider]  # fmt: skip
+    providers = [provider]
+    if device.type == 'cuda' and 'TensorrtExecutionProvider' in available:  # the CUDA provider runs what TensorRT won't
+        providers.insert(0, 'TensorrtExecutionProvider')
     session = ort.InferenceSession(onnx_file, options, providers=providers)
     name = session.get_inputs()[0].name
     runtime = 'onnxruntime.InferenceSession' + (f'({providers[0]})' if device.type == 'cuda' else '')

@@ -209,7 +209,7 @@ class ImageFolderDataset(Dataset):
             j = (i + k) % len(self.samples)
             try:
                 img = self.load(j)
-            except (OSError, ValueError, SyntaxError) as err:
+            except (OSError, ValueError) as err:  # open_image turns PIL's SyntaxError into an OSError
                 _log.warning('skipping unreadable image %s (%s)', self.samples[j][0], err)
                 continue
             return (self.transform(img) if self.transform else img), self.samples[j][1]
