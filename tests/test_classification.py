@@ -201,17 +201,15 @@ def test_help_lists_timm_flags(capsys):
 @pytest.mark.parametrize('training', [False, True])
 def test_fast_fashion_mnist_transform_equals_timm(training):
     """The array transform that the default recipe gets is exactly timm's create_transform, without PIL ops."""
-    import argparse
-
     from timm.data import create_transform
 
     from hsresnet.classification import train
     from hsresnet.classification.task import ClassificationTask
-    from hsresnet.engine import resolve_config
+    from hsresnet.engine import RecipeParser
 
-    parser = argparse.ArgumentParser()
+    parser = RecipeParser()
     train.add_arguments(parser)
-    cfg = resolve_config(parser.parse_args(['-c', 'configs/fashion_mnist.yaml']), parser)
+    cfg = parser.parse_args(['-c', 'configs/fashion_mnist.yaml'])
     task = ClassificationTask(cfg, verbose=False)
     fast = task.transforms(training)
     assert isinstance(fast, ArrayTransform) and fast.hflip == (cfg.hflip if training else 0.0)
@@ -264,14 +262,12 @@ def test_array_transform_random_erasing_per_image():
 @pytest.mark.parametrize('recipe', sorted(Path('configs').glob('*.yaml')), ids=lambda p: p.stem)
 def test_every_recipe_resolves_with_known_flags(recipe):
     """Each YAML in configs/ names only real flags with valid values (a typo would be a clear error at start)."""
-    import argparse
-
     from hsresnet.classification import train
-    from hsresnet.engine import resolve_config
+    from hsresnet.engine import RecipeParser
 
-    parser = argparse.ArgumentParser()
+    parser = RecipeParser()
     train.add_arguments(parser)
-    cfg = resolve_config(parser.parse_args(['-c', str(recipe)]), parser)
+    cfg = parser.parse_args(['-c', str(recipe)])
     assert cfg.epochs >= 1 and cfg.model
 
 

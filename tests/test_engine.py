@@ -24,6 +24,7 @@ from hsresnet.classification.data import FashionMNIST, find_fashion_mnist
 from hsresnet.engine import (
     CheckpointError,
     DistInfo,
+    RecipeParser,
     add_config_argument,
     add_engine_arguments,
     amp_enabled,
@@ -33,10 +34,8 @@ from hsresnet.engine import (
     load_weights,
     make_loader,
     parse_kwargs,
-    resolve_config,
     save_checkpoint,
     save_weights,
-    track_explicit_flags,
 )
 
 
@@ -82,8 +81,7 @@ class ToyTask:
 
 
 def engine_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser()
-    track_explicit_flags(parser)
+    parser = RecipeParser()
     add_config_argument(parser)
     parser.add_argument('--model', default='toy')
     parser.add_argument('--model-kwargs', nargs='*', default=[])
@@ -95,24 +93,43 @@ def make_cfg(tmp_path: Path, *argv: str) -> argparse.Namespace:
     parser = engine_parser()
     base = ['--output', str(tmp_path / 'run'), '--no-progress', '--no-tensorboard', '-j', '0', '--lr', '0.05']
     base += ['--threads', '1']
-    return resolve_config(parser.parse_args(base + list(argv)), parser)
+    return parser.parse_args(base + list(argv))
 
 
 def test_yaml_config_under_typed_flags(tmp_path):
     recipe = tmp_path / 'r.yaml'
     recipe.write_text('epochs: 7\nlr: 0.3\nweight-decay: 1e-5\nmodel_kwargs: {w: 16, channels: [8, 16]}\n')
     parser = engine_parser()
-    cfg = resolve_config(parser.parse_args(['-c', str(recipe), '--lr', '0.1']), parser)
+    cfg = parser.parse_args(['-c', str(recipe), '--lr', '0.1'])
     assert cfg.epochs == 7 and cfg.lr == 0.1 and cfg.weight_decay == 1e-5  # YAML '1e-5' coerced to float
     assert parse_kwargs(cfg.model_kwargs) == {'w': 16, 'channels': [8, 16]}
     # a flag typed with its default value still wins over the YAML
-    cfg = resolve_config(parser.parse_args(['-c', str(recipe), '--epochs', '10']), parser)
+    cfg = parser.parse_args(['-c', str(recipe), '--epochs', '10'])
     assert cfg.epochs == 10
     recipe.write_text('epochz: 3\n')
     with pytest.raises(ValueError, match="unknown keys.*'epochz' -> 'epochs'"):
-        resolve_config(parser.parse_args(['-c', str(recipe)]), parser)
+        parser.parse_args(['-c', str(recipe)])
     with pytest.raises(ValueError, match='key=value'):
         parse_kwargs(['w16'])
+
+
+@pytest.mark.parametrize('task', ['detection', 'segmentation'])
+def test_a_train_subcommand_reads_its_recipe_under_its_flags(tmp_path, task):
+    """`hsresnet detect|segment train -c`: recipe over the task's defaults, typed flags over the recipe; the parser
+    is left as it was (a second parse without -c gets the defaults)."""
+    cli = importlib.import_module(f'hsresnet.{task}.cli')
+    parser = RecipeParser()
+    cli.add_arguments(parser)
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text('epochs: 3\nlr: 0.3\nbackbone_kwargs: {w: 16}\n')
+    cfg = parser.parse_args(['train', f'--config={recipe}', '--lr', '0.1'])
+    assert (cfg.epochs, cfg.lr, cfg.batch_size) == (3, 0.1, cli.TRAIN_DEFAULTS['batch_size'])
+    assert parse_kwargs(cfg.backbone_kwargs) == {'w': 16}
+    cfg = parser.parse_args(['train'])
+    assert (cfg.epochs, cfg.lr) == (cli.TRAIN_DEFAULTS['epochs'], None)
+    recipe.write_text('epochs: 2.5\n')
+    with pytest.raises(ValueError, match=r'r\.yaml: epochs: 2\.5 is not an integer'):
+        parser.parse_args(['train', '-c', str(recipe)])
 
 
 @pytest.mark.parametrize('native', [False, True])
@@ -124,13 +141,13 @@ def test_amp_auto_follows_native_bf16(tmp_path, monkeypatch, capsys, native):
     recipe = tmp_path / 'r.yaml'
     recipe.write_text('amp: auto\n')
     cpu = torch.device('cpu')
-    cfg = resolve_config(parser.parse_args(['-c', str(recipe)]), parser)
+    cfg = parser.parse_args(['-c', str(recipe)])
     assert cfg.amp == 'auto' and amp_enabled(cfg, cpu) is native
-    assert amp_enabled(resolve_config(parser.parse_args(['--amp', 'auto']), parser), cpu) is native
+    assert amp_enabled(parser.parse_args(['--amp', 'auto']), cpu) is native
     for flags, expected in ((['--amp'], True), (['--amp', 'false'], False), ([], False)):
-        assert amp_enabled(resolve_config(parser.parse_args(flags), parser), cpu) is expected
+        assert amp_enabled(parser.parse_args(flags), cpu) is expected
     recipe.write_text('amp: true\n')
-    assert amp_enabled(resolve_config(parser.parse_args(['-c', str(recipe)]), parser), cpu) is True
+    assert amp_enabled(parser.parse_args(['-c', str(recipe)]), cpu) is True
     with pytest.raises(SystemExit):
         parser.parse_args(['--amp', 'maybe'])
     assert "one of auto, true, false; got 'maybe'" in capsys.readouterr().err

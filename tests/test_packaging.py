@@ -43,7 +43,8 @@ def test_the_model_library_needs_no_extra():
         assert torch.allclose(fast(x).float(), model(x), atol=1e-2)
         print(count_complexity(model, 64).macs > 0)
         app = sorted(m for m in sys.modules if m.startswith('hsresnet.') and m.split('.')[1] in
-                     ('engine', 'classification', 'detection', 'segmentation', 'study', 'benchmark', 'prepare', 'cli'))
+                     ('engine', 'classification', 'detection', 'segmentation', 'dense', 'study', 'benchmark',
+                      'prepare', 'cli'))
         print('application modules:', app)
         """,
     )

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hsresnet.study import StudyError, load_study, mean_interval, run_study, status, verdict
-from hsresnet.study.report import fastest_paths
-from hsresnet.study.runner import command
+from hsresnet.study.plan import StudyError, load_study
+from hsresnet.study.report import fastest_paths, mean_interval, verdict
+from hsresnet.study.runner import command, run_study, status
 
 TINY_RECIPE = {
     'train_subset': 128, 'val_subset': 128, 'epochs': 1, 'batch_size': 32, 'scale': [1.0, 1.0],
@@ -147,7 +147,7 @@ def test_changed_recipe_makes_runs_stale_and_they_are_left_alone(tmp_path):
 
 @pytest.mark.slow
 def test_submitit_local_executor_runs_the_study(tmp_path):
-    from hsresnet.study import submitit_executor
+    from hsresnet.study.runner import submitit_executor
 
     study = load_study(write_study(tmp_path, {'ops': ops_experiment(models=[{'model': 'resnet26_small'}])}, [3]))
     study.runs = [r for r in study.runs if not r.is_benchmark]

@@ -5,21 +5,14 @@ entropy, backward, SGD step), warm-up, then repeats that interleave the models (
 reporting medians. Per model: images/s, step time, peak memory per image, params, MACs per image and GMAC/s.
 The baselines (timm ``resnet50``, ``resnet50d``, ``res2net50_26w_4s``) and the deliberately plain reference HS
 block (``<model>@reference``, :mod:`hsresnet.reference`) run in the same process, so the ratios are measured,
-not claimed.
-
-Paths (``--paths``, :data:`PATHS`): how a model is run, e.g. ``eager``, ``amp_channels_last``, ``optimized``
-(:func:`hsresnet.optimize.optimize`), ``compiled``, ``onnxruntime``, ``openvino``. Every path is applied to every
-model of the run, and every ratio is taken within one path: a model through a path against the ratio base
-through the same path.
+not claimed. Every path (``--paths``: how a model is run) is applied to every model of the run, and every ratio is
+taken within one path: a model through a path against the ratio base through the same path.
 
 Conventions (also in docs/performance.md):
 - MACs: ``torch.utils.flop_counter.FlopCounterMode`` FLOPs / 2, which counts conv and matmul/linear only (not
-  norm, activation, pooling or add). Train MACs are 3x the forward
-  MACs (backward = 2x forward, the usual convention), the same for every implementation and path of a model.
-- Peak memory: CUDA: ``torch.cuda.max_memory_allocated`` during one step, above what was allocated before it.
-  CPU: the highest running total of the allocations and frees that ``torch.profiler`` (``profile_memory=True``)
-  records in one step, i.e. every tensor and kernel workspace allocated through PyTorch's CPU allocator, above the
-  weights (and optimizer state) allocated before it. Each step ends by freeing the gradients, so they count.
+  norm, activation, pooling or add). Train MACs are 3x the forward MACs (backward = 2x forward, the usual
+  convention), the same for every implementation and path of a model.
+- Peak memory: what one step allocates above what was allocated before it (:func:`peak_memory`).
 - Paired ratio (``paired x``): each round's ratio to the ratio base through the same path, its median over rounds
   and quartiles, robust to a slow drift of a shared machine.
 - ``--sweep``: the paper's speed ablation (RQ3): the budget-matched presets and s = 2..8 at ResNet-50's budget.
@@ -33,6 +26,7 @@ import ctypes
 import datetime
 import gc
 import importlib
+import itertools
 import json
 import os
 import platform
@@ -49,7 +43,7 @@ import torch.nn.functional as F
 
 from .complexity import count_complexity
 from .engine.allocator import keep_freed_memory
-from .engine.logs import write_csv
+from .engine.logs import new_figure, save_figure, write_csv, write_json
 from .factory import check_model_name
 from .optimize import fast_bf16_available
 
@@ -149,9 +143,8 @@ def resolve_paths(args: argparse.Namespace) -> List[str]:
     paths = list(args.paths or [])
     if not paths or flag_path != 'eager':
         paths.append(flag_path)
-    paths += [p for p, on in (('compiled', args.torchcompile), ('optimized', args.optimized)) if on]
-    if args.onnxruntime:
-        paths.append('onnxruntime')
+    shorthands = (('compiled', args.torchcompile), ('optimized', args.optimized), ('onnxruntime', args.onnxruntime))
+    paths += [p for p, on in shorthands if on]
     return list(dict.fromkeys(paths))
 
 
@@ -186,9 +179,7 @@ def run(args: argparse.Namespace) -> int:
         result = fashion_mnist_agreement(args.agreement, device)
         print(json.dumps(result, indent=2))
         if args.results_file:
-            os.makedirs(os.path.dirname(os.path.abspath(args.results_file)), exist_ok=True)
-            with open(args.results_file, 'w') as f:
-                json.dump({'meta': machine_info(device, args), 'agreement': result}, f, indent=2)
+            write_json(args.results_file, {'meta': machine_info(device, args), 'agreement': result})
         return 0
     if min(args.batch_size) < 1 or args.img_size < 8 or args.repeats < 1 or args.iters < 1 or args.in_chans < 1:
         raise SystemExit('hsresnet benchmark: -b, --repeats, --iters and --in-chans must be >= 1, --img-size >= 8.')
@@ -220,13 +211,13 @@ def run(args: argparse.Namespace) -> int:
     kinds = ('inference', 'train') if args.bench == 'both' else (args.bench,)
     if args.sweep:
         kinds = ('inference',)
+    batch_sizes = sorted(set(args.batch_size) | ({1} if args.sweep else set()))
     for kind in kinds:
         kind_paths = [p for p in paths if kind == 'inference' or p in TRAIN_PATHS]
         if len(kind_paths) < len(paths):
             print(f'note: {", ".join(p for p in paths if p not in kind_paths)}: inference only, not in {kind}')
         if not kind_paths:
             continue
-        batch_sizes = sorted(set(args.batch_size) | ({1} if args.sweep else set()))
         for batch in batch_sizes:
             with kept_signal_stack():
                 group = bench_group([(s, p) for p in kind_paths for s in specs], kind, batch, device, args)
@@ -236,9 +227,7 @@ def run(args: argparse.Namespace) -> int:
             rows += group
             meta['load_avg_after'] = _load_avg()
             if args.results_file:  # after every group, so a long run keeps what it measured
-                os.makedirs(os.path.dirname(os.path.abspath(args.results_file)), exist_ok=True)
-                with open(args.results_file, 'w') as f:
-                    json.dump({'meta': meta, 'results': rows}, f, indent=2)
+                write_json(args.results_file, {'meta': meta, 'results': rows})
     if args.results_file:
         print(f'wrote {args.results_file}')
     if args.csv:
@@ -550,7 +539,11 @@ def make_step(
 
 
 def peak_memory(step: Callable[[], None], device: torch.device) -> Optional[float]:
-    """Peak bytes allocated during one step, above what was allocated before it (see the module docstring)."""
+    """Peak bytes allocated during one step, above what was allocated before it. CUDA:
+    ``torch.cuda.max_memory_allocated``. CPU: the highest running total of the allocations and frees that
+    ``torch.profiler`` (``profile_memory=True``) records, i.e. every tensor and kernel workspace allocated through
+    PyTorch's CPU allocator, above the weights (and optimizer state). A training step ends by freeing the gradients,
+    so they count."""
     if device.type == 'cuda':
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
@@ -567,40 +560,32 @@ def peak_memory(step: Callable[[], None], device: torch.device) -> Optional[floa
         allocs = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == '[memory]')
     except (AttributeError, RuntimeError):  # the profiler's event API differs in this torch: no memory figure
         return None
-    live = peak = 0
-    for _, nbytes in allocs:
-        live += nbytes
-        peak = max(peak, live)
-    return float(peak)
+    return float(max(itertools.accumulate((nbytes for _, nbytes in allocs), initial=0)))  # the highest running total
 
 
 def fashion_mnist_agreement(checkpoint: str, device: torch.device, batch_size: int = 250) -> Dict[str, Any]:
     """Top-1 of eager fp32 and of :func:`hsresnet.optimize.optimize` (its defaults: bf16 where fast) on the whole
     Fashion-MNIST test set (10k images), and the fraction of images where both predict the same class."""
-    from .classification.data import FASHION_MNIST_FILES, _find_idx, find_fashion_mnist, read_idx
+    from .classification.data import FashionMNIST, find_fashion_mnist
     from .classification.task import load_classifier
-    from .optimize import fast_bf16_available, optimize
+    from .optimize import optimize
 
     model, meta = load_classifier(checkpoint)
     model.to(device)
-    root = find_fashion_mnist()
-    images, labels = (read_idx(_find_idx(root, stem)) for stem in FASHION_MNIST_FILES['test'])
-    x = torch.from_numpy(images.copy()).float().div(255)[:, None]
+    test = FashionMNIST(find_fashion_mnist(), 'test')
+    x = torch.from_numpy(test.images.copy()).float().div(255)[:, None]
     size, chans = int(meta.get('img_size', 28)), int(meta.get('in_chans', 1))
     if size != x.shape[-1]:
         x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
     mean = torch.tensor(meta.get('mean', [0.0] * chans)).view(1, -1, 1, 1)
     std = torch.tensor(meta.get('std', [1.0] * chans)).view(1, -1, 1, 1)
     x = (x.expand(-1, chans, -1, -1) - mean) / std
-    y = torch.from_numpy(labels.astype('int64'))
+    y = torch.from_numpy(test.labels)
     fast = optimize(model)
-    preds = {'fp32': [], 'optimized': []}
     with torch.inference_mode():
-        for i in range(0, len(x), batch_size):
-            xb = x[i : i + batch_size].to(device)
-            preds['fp32'].append(model(xb).argmax(1).cpu())
-            preds['optimized'].append(fast(xb).argmax(1).cpu())
-    p32, popt = torch.cat(preds['fp32']), torch.cat(preds['optimized'])
+        p32, popt = (
+            torch.cat([net(xb.to(device)).argmax(1).cpu() for xb in x.split(batch_size)]) for net in (model, fast)
+        )
     return {
         'checkpoint': meta.get('checkpoint', checkpoint),
         'model': meta.get('model'),
@@ -681,94 +666,77 @@ def _fmt_paired(row: Dict[str, Any], key: str = 'gmac_per_sec', digits: int = 3)
     return '-' if median is None else f'{median:.{digits}f} ({q1:.2f}-{q3:.2f})'
 
 
+TABLE_COLUMNS = (  # print_table: (header, row key, decimals); '_paired' keys print as median (q1-q3)
+    ('model', 'model', 0),
+    ('path', 'path', 0),
+    ('bench', 'bench', 0),
+    ('b', 'batch_size', 0),
+    ('img/s', 'samples_per_sec', 2),
+    ('step ms', 'step_time_ms', 1),
+    ('GMAC/s', 'gmac_per_sec', 2),
+    ('MB/img', 'peak_mem_mb_per_image', 1),
+    ('M params', 'param_count_m', 2),
+    ('GMACs', 'gmacs', 3),
+    ('img/s x', 'samples_per_sec_ratio', 3),
+    ('GMAC/s x', 'gmac_per_sec_ratio', 3),
+    ('paired x (IQR)', 'gmac_per_sec_paired', 3),
+    ('MB/img x', 'peak_mem_mb_per_image_ratio', 3),
+)
+
+
+def print_aligned(lines: List[List[str]], left: int) -> None:
+    """Print text columns, each as wide as its widest cell: the first ``left`` aligned left, the others right."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for line in lines:
+        print('  '.join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+
+
 def print_table(rows: List[Dict[str, Any]]) -> None:
     """One line per model and path: absolute figures, then the ratios to the ratio base through the same path (x);
     ``paired x`` is the median over rounds of the GMAC/s ratio within each round, with its quartiles
     (:func:`paired_ratio`)."""
-    head = (
-        'model',
-        'path',
-        'bench',
-        'b',
-        'img/s',
-        'step ms',
-        'GMAC/s',
-        'MB/img',
-        'M params',
-        'GMACs',
-        'img/s x',
-        'GMAC/s x',
-        'paired x (IQR)',
-        'MB/img x',
-    )
-    lines = [head]
+    lines = [[head for head, _, _ in TABLE_COLUMNS]]
     for r in rows:
         lines.append(
-            (
-                r['model'],
-                r['path'],
-                r['bench'],
-                str(r['batch_size']),
-                _fmt(r['samples_per_sec']),
-                _fmt(r['step_time_ms'], 1),
-                _fmt(r['gmac_per_sec']),
-                _fmt(r['peak_mem_mb_per_image'], 1),
-                _fmt(r['param_count_m']),
-                _fmt(r['gmacs'], 3),
-                _fmt(r['samples_per_sec_ratio'], 3),
-                _fmt(r['gmac_per_sec_ratio'], 3),
-                _fmt_paired(r),
-                _fmt(r['peak_mem_mb_per_image_ratio'], 3),
-            )
+            [
+                _fmt_paired(r, key.removesuffix('_paired'), digits) if key.endswith('_paired') else _fmt(r[key], digits)
+                for _, key, digits in TABLE_COLUMNS
+            ]
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    for line in lines:
-        print('  '.join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    print_aligned(lines, left=3)
 
 
 def print_paths_table(rows: List[Dict[str, Any]], base: str) -> None:
     """Paths as rows, models as columns: each cell is the model's images/s over ``base``'s through the same path (the
     paired median over the rounds, quartiles in brackets); the second column is ``base``'s images/s per path."""
-    paths = list(dict.fromkeys(r['path'] for r in rows))
     models = list(dict.fromkeys(r['model'] for r in rows))
     cells = {(r['path'], r['model']): r for r in rows}
     print(f'-- images/s x {base} through the same path (paired median, IQR), {rows[0]["bench"]}, batch '
           f'{rows[0]["batch_size"]}:')  # fmt: skip
     lines = [['path', f'{base} img/s'] + models]
-    for path in paths:
-        base_row = cells.get((path, base))
-        line = [path, _fmt(base_row['samples_per_sec'] if base_row else None)]
+    for path in dict.fromkeys(r['path'] for r in rows):
+        line = [path, _fmt(cells[path, base]['samples_per_sec'] if (path, base) in cells else None)]
         lines.append(
             line + [_fmt_paired(cells[path, m], 'samples_per_sec') if (path, m) in cells else '-' for m in models]
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    for line in lines:
-        print('  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    print_aligned(lines, left=1)
 
 
 def _sweep_points(rows: List[Dict[str, Any]], specs: Sequence[Dict[str, Any]], batch: int) -> List[Dict[str, Any]]:
-    """Per s: the throughput row at ``batch`` and the latency row at batch 1."""
-    points = []
-    for spec in specs:
-        if spec.get('s') is None:
-            continue
-        thr = next(r for r in rows if r['model'] == spec['name'] and r['batch_size'] == batch)
-        lat = next(r for r in rows if r['model'] == spec['name'] and r['batch_size'] == 1)
-        points.append({'s': spec['s'], 'name': spec['name'], 'thr': thr, 'lat': lat})
-    return points
+    """resnet50 (s ``-``), then per s: the throughput row at ``batch`` and the latency row at batch 1."""
+    named = [(RATIO_BASE, '-')] + [(spec['name'], spec['s']) for spec in specs if spec.get('s') is not None]
+    by = {(r['model'], r['batch_size']): r for r in rows}  # a sweep runs one path, inference only
+    return [{'s': s, 'name': name, 'thr': by[name, batch], 'lat': by[name, 1]} for name, s in named]
 
 
 def print_sweep_markdown(rows: List[Dict[str, Any]], specs: Sequence[Dict[str, Any]], batch: int) -> None:
     """The RQ3 table: ratios to resnet50 are paired (median over rounds, quartiles in brackets)."""
-    base_thr = next(r for r in rows if r['model'] == RATIO_BASE and r['batch_size'] == batch)
-    base_lat = next(r for r in rows if r['model'] == RATIO_BASE and r['batch_size'] == 1)
-
     print(
         f'\n| model | s | M params | GMACs | latency b=1 (ms) | x resnet50 | img/s b={batch} | GMAC/s b={batch} | '
         'x resnet50 |'
     )
     print('|---|---|---|---|---|---|---|---|---|')
-    for p in [{'s': '-', 'name': RATIO_BASE, 'thr': base_thr, 'lat': base_lat}] + _sweep_points(rows, specs, batch):
+    for p in _sweep_points(rows, specs, batch):
         t, lt = p['thr'], p['lat']
         print(
             f'| {p["name"]} | {p["s"]} | {t["param_count_m"]:.1f} | {t["gmacs"]:.2f} | {lt["step_time_ms"]:.1f} | '
@@ -781,24 +749,17 @@ def plot_sweep(
     rows: List[Dict[str, Any]], specs: Sequence[Dict[str, Any]], batch: int, path: str, meta: Dict[str, Any]
 ) -> None:
     """GMAC/s, throughput and batch-1 latency against s, with resnet50 as a dashed line."""
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    points = _sweep_points(rows, specs, batch)
-    base_thr = next(r for r in rows if r['model'] == RATIO_BASE and r['batch_size'] == batch)
-    base_lat = next(r for r in rows if r['model'] == RATIO_BASE and r['batch_size'] == 1)
+    base, *points = _sweep_points(rows, specs, batch)
     s = [p['s'] for p in points]
     panels = [
-        (f'GMAC/s (batch {batch})', [p['thr']['gmac_per_sec'] for p in points], base_thr['gmac_per_sec']),
-        (f'images/s (batch {batch})', [p['thr']['samples_per_sec'] for p in points], base_thr['samples_per_sec']),
-        ('latency, batch 1 (ms)', [p['lat']['step_time_ms'] for p in points], base_lat['step_time_ms']),
+        (f'GMAC/s (batch {batch})', 'thr', 'gmac_per_sec'),
+        (f'images/s (batch {batch})', 'thr', 'samples_per_sec'),
+        ('latency, batch 1 (ms)', 'lat', 'step_time_ms'),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (title, ys, base) in zip(axes, panels):
-        ax.plot(s, ys, 'o-', label='HS-ResNet-50 at ResNet-50 budget')
-        ax.axhline(base, color='grey', ls='--', label='resnet50')
+    fig, axes = new_figure(1, 3, figsize=(13, 3.8))
+    for ax, (title, which, key) in zip(axes, panels):
+        ax.plot(s, [p[which][key] for p in points], 'o-', label='HS-ResNet-50 at ResNet-50 budget')
+        ax.axhline(base[which][key], color='grey', ls='--', label='resnet50')
         ax.set_xlabel('split count s')
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -808,10 +769,7 @@ def plot_sweep(
         f'{meta["date_utc"]} UTC',
         fontsize=9,
     )
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == '__main__':

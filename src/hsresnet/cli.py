@@ -58,7 +58,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     log_to_stderr(prog)
     try:
         module = importlib.import_module(module_name)
-        parser = argparse.ArgumentParser(prog=prog, description=module.__doc__ or help_text)
+        from .engine.config import RecipeParser  # a command with -c/--config reads its YAML recipe under its flags
+
+        parser = RecipeParser(prog=prog, description=module.__doc__ or help_text)
         module.add_arguments(parser)
         args = parser.parse_args(rest)
         prog += f' {args.action}' if isinstance(getattr(args, 'action', None), str) else ''

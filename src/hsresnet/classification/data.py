@@ -25,27 +25,10 @@ from ..images import IMAGE_SUFFIXES, check_image, open_image
 _log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
-FASHION_MNIST_CLASSES = (
-    'T-shirt/top',
-    'Trouser',
-    'Pullover',
-    'Dress',
-    'Coat',
-    'Sandal',
-    'Shirt',
-    'Sneaker',
-    'Bag',
-    'Ankle boot',
-)
 FASHION_MNIST_FILES = {
     'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
     'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
 }
-FASHION_MNIST_MISSING = (
-    'Fashion-MNIST was not found in {where}. Install it with `sudo apt-get install dataset-fashion-mnist` '
-    '(puts the idx .gz files in /usr/share/datasets/fashion-mnist), or pass --data-dir pointing at a folder '
-    'with train-images-idx3-ubyte(.gz) and the other three idx files.'
-)
 
 
 def _find_idx(folder: Path, stem: str) -> Optional[Path]:
@@ -62,7 +45,11 @@ def find_fashion_mnist(data_dir: Optional[str | Path] = None) -> Path:
     folder = Path(data_dir) if data_dir else FASHION_MNIST_DIR
     stems = [stem for pair in FASHION_MNIST_FILES.values() for stem in pair]
     if not all(_find_idx(folder, stem) for stem in stems):
-        raise FileNotFoundError(FASHION_MNIST_MISSING.format(where=folder))
+        raise FileNotFoundError(
+            f'Fashion-MNIST was not found in {folder}. Install it with `sudo apt-get install dataset-fashion-mnist` '
+            '(puts the idx .gz files in /usr/share/datasets/fashion-mnist), or pass --data-dir pointing at a folder '
+            'with train-images-idx3-ubyte(.gz) and the other three idx files.'
+        )
     return folder
 
 
@@ -86,15 +73,15 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 class FashionMNIST(Dataset):
-    """Fashion-MNIST split ('train': 60k, 'test': 10k) as PIL 'L' images through ``transform``."""
+    """Fashion-MNIST split ('train': 60k, 'test': 10k) of the folder ``root`` (default: the Debian package's) as PIL
+    'L' images through ``transform``."""
 
-    classes = list(FASHION_MNIST_CLASSES)
+    classes = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
 
-    def __init__(self, root: Path, split: str = 'train', transform: Optional[Callable] = None):
-        images, labels = (_find_idx(root, stem) for stem in FASHION_MNIST_FILES[split])
-        if images is None or labels is None:
-            raise FileNotFoundError(FASHION_MNIST_MISSING.format(where=root))
-        self.images, self.labels = read_idx(images), read_idx(labels).astype(np.int64)
+    def __init__(self, root: Optional[str | Path], split: str = 'train', transform: Optional[Callable] = None):
+        root = find_fashion_mnist(root)  # raises with the install hint
+        images, labels = (read_idx(_find_idx(root, stem)) for stem in FASHION_MNIST_FILES[split])
+        self.images, self.labels = images, labels.astype(np.int64)
         if len(self.images) != len(self.labels):
             raise ValueError(f'{root}: {len(self.images)} images but {len(self.labels)} labels in the {split} split.')
         self.transform = transform
@@ -152,10 +139,13 @@ class FolderSplit:
     bad: List[Tuple[Path, str]] = field(default_factory=list)
 
 
-def scan_folder(root: Path, classes: Optional[Sequence[str]] = None, verify: bool = True) -> FolderSplit:
+def scan_folder(
+    root: Path, classes: Optional[Sequence[str]] = None, verify: bool = True, log: bool = False
+) -> FolderSplit:
     """List ``root/<class>/*`` images. With ``classes`` (the train classes), a class unknown to them is an error.
 
-    Unreadable files are collected in ``bad`` (and skipped); an empty class is an error naming it.
+    Unreadable files are collected in ``bad`` and skipped (with ``log``: logged with their count); an empty class is
+    an error naming it.
     """
     if not root.is_dir():
         raise ValueError(f'{root} is not a folder: the image-folder layout is <data-dir>/train/<class>/*.')
@@ -188,6 +178,9 @@ def scan_folder(root: Path, classes: Optional[Sequence[str]] = None, verify: boo
     empty = [c for c in found if counts[index[c]] == 0]
     if empty:
         raise ValueError(f'{root}: class folder(s) {empty} hold no readable image; add images or remove the folder(s).')
+    if log and bad:
+        lines = ''.join(f'\n  {path}: {reason}' for path, reason in bad)
+        _log.warning('%s: skipped %d unreadable or non-image file(s):%s', root.name, len(bad), lines)
     return FolderSplit(candidates, names, bad)
 
 
@@ -201,23 +194,13 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, i: int) -> Image.Image:
-        return open_image(self.samples[i][0], self.in_chans)
-
     def __getitem__(self, i: int):
         for k in range(len(self.samples)):
             j = (i + k) % len(self.samples)
             try:
-                img = self.load(j)
+                img = open_image(self.samples[j][0], self.in_chans)
             except (OSError, ValueError) as err:  # open_image turns PIL's SyntaxError into an OSError
                 _log.warning('skipping unreadable image %s (%s)', self.samples[j][0], err)
                 continue
             return (self.transform(img) if self.transform else img), self.samples[j][1]
         raise RuntimeError('no readable image left in the dataset')
-
-
-def report_bad(bad: List[Tuple[Path, str]], split: str) -> None:
-    """Log the count and the paths of skipped files."""
-    if bad:
-        lines = ''.join(f'\n  {path}: {reason}' for path, reason in bad)
-        _log.warning('%s: skipped %d unreadable or non-image file(s):%s', split, len(bad), lines)

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--topk', type=POSITIVE_INT, default=5, help='how many classes per image.')
     parser.add_argument('-b', '--batch-size', type=POSITIVE_INT, default=64, help='images per forward pass.')
     parser.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'.")
-    parser.add_argument('--output', default=None, help='write the JSON here instead of printing it.')
+    parser.add_argument('--output', help='write the JSON here instead of printing it.')
 
 
 def collect_files(inputs: List[str]) -> Tuple[List[Path], List[Dict[str, str]]]:
@@ -62,19 +62,16 @@ def predict(args: argparse.Namespace) -> Dict[str, Any]:
         crop_pct=meta.get('crop_pct', 1.0),
     )
     classes = meta['classes']
-    k = max(1, min(args.topk, len(classes)))
+    k = min(args.topk, len(classes))
     files, skipped = collect_files(args.inputs)
-    paths, tensors = [], []
-    for path, image in readable(files, lambda f: open_image(f, in_chans), skipped):
-        paths.append(path)
-        tensors.append(transform(image))
+    loaded = [(path, transform(image)) for path, image in readable(files, lambda f: open_image(f, in_chans), skipped)]
     predictions = []
     with torch.no_grad():
-        for i in range(0, len(tensors), args.batch_size):
-            batch = torch.stack(tensors[i : i + args.batch_size]).to(device)
-            probs = model(batch).float().softmax(dim=1)
+        for i in range(0, len(loaded), args.batch_size):
+            chunk = loaded[i : i + args.batch_size]
+            probs = model(torch.stack([x for _, x in chunk]).to(device)).float().softmax(dim=1)
             top_p, top_i = probs.topk(k, dim=1)
-            for path, ps, idx in zip(paths[i : i + args.batch_size], top_p.tolist(), top_i.tolist()):
+            for (path, _), ps, idx in zip(chunk, top_p.tolist(), top_i.tolist()):
                 predictions.append(
                     {
                         'path': str(path),

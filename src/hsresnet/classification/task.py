@@ -26,11 +26,9 @@ from ..engine.config import (
 from .data import (
     ArrayTransform,
     FashionMNIST,
-    FolderSplit,
     ImageFolderDataset,
     find_fashion_mnist,
     is_fashion_mnist_dir,
-    report_bad,
     scan_folder,
 )
 
@@ -47,19 +45,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar='K=V',
         help='extra model constructor arguments, values as YAML, e.g. --model-kwargs w=16 s=4 channels=[16,32,64,128]',
     )
-    group.add_argument('--num-classes', type=POSITIVE_INT, default=None, help='classes (default: from the dataset).')
-    group.add_argument(
-        '--in-chans', type=POSITIVE_INT, default=None, help='input channels (default: 1 Fashion-MNIST, else 3).'
-    )
+    group.add_argument('--num-classes', type=POSITIVE_INT, help='classes (default: from the dataset).')
+    group.add_argument('--in-chans', type=POSITIVE_INT, help='input channels (default: 1 Fashion-MNIST, else 3).')
     group.add_argument('--drop', type=BELOW_ONE, default=0.0, help='dropout before the classifier.')
-    group.add_argument('--drop-path', type=BELOW_ONE, default=None, help='stochastic depth rate.')
+    group.add_argument('--drop-path', type=BELOW_ONE, help='stochastic depth rate.')
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, training: bool = True) -> None:
     group = parser.add_argument_group('data')
     group.add_argument(
         '--data-dir',
-        default=None,
         help='Fashion-MNIST idx folder, or an image folder with train/<class>/* and val/<class>/* '
         '(default: the Debian package dataset-fashion-mnist in /usr/share/datasets/fashion-mnist).',
     )
@@ -67,27 +62,16 @@ def add_data_arguments(parser: argparse.ArgumentParser, training: bool = True) -
         '--dataset', default='auto', choices=['auto', 'fashion_mnist', 'folder'], help='dataset kind (auto-detected).'
     )
     group.add_argument('--val-split', default='val', help='image-folder validation sub-folder (Fashion-MNIST: test).')
+    group.add_argument('--img-size', type=int_at_least(8), help='input size (default: 28 Fashion-MNIST, else model).')
     group.add_argument(
-        '--img-size', type=int_at_least(8), default=None, help='input size (default: 28 Fashion-MNIST, else model).'
-    )
-    group.add_argument(
-        '--crop-pct',
-        type=float_in(0, 1, low_open=True),
-        default=None,
-        help='eval centre-crop fraction (default: model).',
+        '--crop-pct', type=float_in(0, 1, low_open=True), help='eval centre-crop fraction (default: model).'
     )
     group.add_argument('--interpolation', default='bilinear', help='resize interpolation.')
-    group.add_argument(
-        '--mean', type=float_in(), nargs='+', default=None, help='normalisation mean (default: dataset).'
-    )
-    group.add_argument('--std', type=POSITIVE, nargs='+', default=None, help='normalisation std (default: dataset).')
-    group.add_argument(
-        '--val-subset', type=POSITIVE_INT, default=None, help='use a fixed random subset of N val images.'
-    )
+    group.add_argument('--mean', type=float_in(), nargs='+', help='normalisation mean (default: dataset).')
+    group.add_argument('--std', type=POSITIVE, nargs='+', help='normalisation std (default: dataset).')
+    group.add_argument('--val-subset', type=POSITIVE_INT, help='use a fixed random subset of N val images.')
     if training:
-        group.add_argument(
-            '--train-subset', type=POSITIVE_INT, default=None, help='use a fixed random subset of N images.'
-        )
+        group.add_argument('--train-subset', type=POSITIVE_INT, help='use a fixed random subset of N images.')
         group.add_argument('--no-verify', action='store_true', help='skip the up-front image check of image folders.')
         aug = parser.add_argument_group('augmentation and regularisation (timm)')
         aug.add_argument(
@@ -103,7 +87,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, training: bool = True) -
         aug.add_argument('--hflip', type=PROBABILITY, default=0.5, help='horizontal flip probability.')
         aug.add_argument('--vflip', type=PROBABILITY, default=0.0, help='vertical flip probability.')
         aug.add_argument('--color-jitter', type=NON_NEGATIVE, default=0.4, help='colour jitter strength (0 = off).')
-        aug.add_argument('--aa', default=None, help="timm AutoAugment/RandAugment policy, e.g. 'rand-m9-mstd0.5'.")
+        aug.add_argument('--aa', help="timm AutoAugment/RandAugment policy, e.g. 'rand-m9-mstd0.5'.")
         aug.add_argument('--reprob', type=PROBABILITY, default=0.0, help='random erasing probability.')
         aug.add_argument('--smoothing', type=BELOW_ONE, default=0.1, help='label smoothing.')
         aug.add_argument('--mixup', type=NON_NEGATIVE, default=0.0, help='mixup alpha (0 = off).')
@@ -148,15 +132,6 @@ def resolve_data(cfg: argparse.Namespace) -> str:
     elif not data_dir:
         raise ValueError('an image-folder dataset needs --data-dir <root> with train/<class>/* and val/<class>/*.')
     return kind
-
-
-def model_data_config(model_name: str) -> Dict[str, Any]:
-    """timm's data config of a model (input size, mean/std, crop_pct...) from its default cfg, without building it."""
-    from timm.data import resolve_data_config
-    from timm.models import get_pretrained_cfg
-
-    pretrained = get_pretrained_cfg(model_name)
-    return resolve_data_config(pretrained_cfg=pretrained.to_dict() if pretrained else {'input_size': (3, 224, 224)})
 
 
 def _per_channel(values: Tuple[float, ...], in_chans: int, flag: str) -> Tuple[float, ...]:
@@ -213,26 +188,24 @@ class ClassificationTask:
             mean, std, crop_pct = FASHION_MNIST_MEAN, FASHION_MNIST_STD, 1.0
             self.classes: List[str] = list(FashionMNIST.classes)
         else:
-            dcfg = model_data_config(cfg.model)
+            from timm.data import resolve_data_config
+            from timm.models import get_pretrained_cfg
+
+            # the model's default input size, mean/std and crop_pct, without building it
+            pretrained = get_pretrained_cfg(cfg.model)
+            dcfg = resolve_data_config(
+                pretrained_cfg=pretrained.to_dict() if pretrained else {'input_size': (3, 224, 224)}
+            )
             if cfg.in_chans not in (None, 1, 3):
                 raise ValueError(f'--in-chans {cfg.in_chans}: image folders are read as grey (1) or RGB (3) images.')
             in_chans = cfg.in_chans or 3
             img_size = cfg.img_size or dcfg['input_size'][-1]
             mean, std, crop_pct = dcfg['mean'], dcfg['std'], dcfg['crop_pct']
-            root = Path(cfg.data_dir)
-            verify = not getattr(cfg, 'no_verify', False)
-            self.train_split: Optional[FolderSplit] = None
-            if training:
-                self.train_split = scan_folder(root / 'train', verify=verify)
-                if verbose:
-                    report_bad(self.train_split.bad, 'train')
-                self.classes = self.train_split.classes
-            known = self.classes if training else classes
-            self.val_split = scan_folder(root / cfg.val_split, classes=known, verify=verify)
-            if verbose:
-                report_bad(self.val_split.bad, cfg.val_split)
-            if not training:
-                self.classes = self.val_split.classes
+            root, verify = Path(cfg.data_dir), not getattr(cfg, 'no_verify', False)
+            self.train_split = scan_folder(root / 'train', verify=verify, log=verbose) if training else None
+            known = self.train_split.classes if self.train_split else classes
+            self.val_split = scan_folder(root / cfg.val_split, classes=known, verify=verify, log=verbose)
+            self.classes = self.val_split.classes
         self.in_chans, self.img_size = in_chans, img_size
         self.mean = _per_channel(tuple(cfg.mean or mean), in_chans, '--mean')
         self.std = _per_channel(tuple(cfg.std or std), in_chans, '--std')
@@ -261,18 +234,12 @@ class ClassificationTask:
             # the whole image at its own size: create_transform reduces to flip, normalize and erasing: on arrays
             if not training:
                 return ArrayTransform(self.mean, self.std)
-            whole_crop = tuple(cfg.scale) == (1.0, 1.0) and tuple(cfg.ratio) == (1.0, 1.0)
+            whole_crop = tuple(cfg.scale) == tuple(cfg.ratio) == (1.0, 1.0)
             if whole_crop and not (cfg.vflip or cfg.color_jitter or cfg.aa):
                 return ArrayTransform(self.mean, self.std, cfg.hflip, cfg.reprob)
+        common = dict(interpolation=cfg.interpolation, mean=self.mean, std=self.std)
         if not training:
-            return create_transform(
-                size,
-                is_training=False,
-                interpolation=cfg.interpolation,
-                mean=self.mean,
-                std=self.std,
-                crop_pct=self.crop_pct,
-            )
+            return create_transform(size, is_training=False, crop_pct=self.crop_pct, **common)
         return create_transform(
             size,
             is_training=True,
@@ -282,20 +249,17 @@ class ClassificationTask:
             vflip=cfg.vflip,
             color_jitter=cfg.color_jitter,
             auto_augment=cfg.aa,
-            interpolation=cfg.interpolation,
-            mean=self.mean,
-            std=self.std,
             re_prob=cfg.reprob,
             re_mode='pixel',
+            **common,
         )
 
     def datasets(self, training: bool = True) -> Tuple[Optional[Dataset], Dataset]:
         """(train, val) datasets with their transforms (train is None when ``training`` is False)."""
         cfg = self.cfg
         if self.kind == 'fashion_mnist':
-            root = find_fashion_mnist(cfg.data_dir)
-            train = FashionMNIST(root, 'train', self.transforms(True)) if training else None
-            val: Dataset = FashionMNIST(root, 'test', self.transforms(False))
+            train = FashionMNIST(cfg.data_dir, 'train', self.transforms(True)) if training else None
+            val: Dataset = FashionMNIST(cfg.data_dir, 'test', self.transforms(False))
         else:
             train = ImageFolderDataset(self.train_split, self.in_chans, self.transforms(True)) if training else None
             val = ImageFolderDataset(self.val_split, self.in_chans, self.transforms(False))
@@ -392,7 +356,7 @@ class ClassificationTask:
         }
 
 
-def load_classifier(checkpoint: str, model_name: Optional[str] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+def load_classifier(checkpoint: str) -> Tuple[nn.Module, Dict[str, Any]]:
     """Rebuild the model a checkpoint was trained as (from its metadata) and load its weights, in eval mode.
 
     ``checkpoint``: a ``.safetensors`` file or a run directory (its ``model_best``, else ``model``, else ``last``).
@@ -401,13 +365,13 @@ def load_classifier(checkpoint: str, model_name: Optional[str] = None) -> Tuple[
     from ..engine import load_trained_model
 
     def build(meta: Dict[str, Any], weights: Dict[str, torch.Tensor]) -> nn.Module:
-        if not meta.get('model') and not model_name:
+        if not meta.get('model'):
             raise ValueError(f'{checkpoint} is not a classification checkpoint written by `hsresnet train`.')
         num_classes = int(
             meta.get('num_classes') or weights[next(k for k in weights if k.endswith('fc.weight'))].shape[0]
         )
         kwargs = json.loads(meta.get('model_kwargs') or '{}')
         meta.setdefault('classes', [str(i) for i in range(num_classes)])
-        return build_model(model_name or meta['model'], num_classes, int(meta.get('in_chans', 3)), [kwargs])
+        return build_model(meta['model'], num_classes, int(meta.get('in_chans', 3)), [kwargs])
 
     return load_trained_model(checkpoint, 'classification', build, 'hsresnet train')

@@ -10,29 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..engine import (
-    add_config_argument,
-    add_engine_arguments,
-    fit,
-    resolve_config,
-    track_explicit_flags,
-)
+from ..engine import add_config_argument, add_engine_arguments, fit
 from .task import ClassificationTask, add_data_arguments, add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    track_explicit_flags(parser)
     add_config_argument(parser)
     add_model_arguments(parser)
     add_data_arguments(parser, training=True)
     add_engine_arguments(parser)
-    parser.set_defaults(_parser=parser)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(cfg: argparse.Namespace) -> int:
     from ..engine.distributed import init_distributed
 
-    cfg = resolve_config(args, getattr(args, '_parser', None))
     info = init_distributed(cfg.device)
     task = ClassificationTask(cfg, verbose=info.is_main)
     summary = fit(task, cfg)

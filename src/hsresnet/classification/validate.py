@@ -17,6 +17,7 @@ from ..engine import add_amp_arguments, autocast, count_params, make_loader, wri
 from ..engine.checkpoint import CHECKPOINT_HELP
 from ..engine.config import NON_NEGATIVE_INT, POSITIVE_INT
 from ..engine.distributed import cleanup_distributed, init_distributed
+from ..engine.logs import new_figure, save_figure
 from .task import ClassificationTask, add_data_arguments, load_classifier
 
 
@@ -28,10 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'.")
     add_amp_arguments(parser)
     parser.add_argument('--channels-last', action='store_true', help='channels_last memory format.')
-    parser.add_argument('--results-file', default=None, help='write the results here (.json or .csv).')
+    parser.add_argument('--results-file', help='write the results here (.json or .csv).')
     parser.add_argument(
         '--confusion-matrix',
-        default=None,
         metavar='PNG',
         help='confusion-matrix image (<= 20 classes); default: next to --results-file, else in the checkpoint folder.',
     )
@@ -52,10 +52,8 @@ def validate(args: argparse.Namespace):
         args.model, args.model_kwargs = meta['model'], []
         args.in_chans = int(meta.get('in_chans', 3))
         args.num_classes = int(meta['num_classes'])
-        args.img_size = args.img_size or meta.get('img_size')
-        args.mean = args.mean or meta.get('mean')
-        args.std = args.std or meta.get('std')
-        args.crop_pct = args.crop_pct or meta.get('crop_pct')
+        for key in ('img_size', 'mean', 'std', 'crop_pct'):
+            setattr(args, key, getattr(args, key) or meta.get(key))
         task = ClassificationTask(args, training=False, classes=meta.get('classes'))
         if task.kind == 'fashion_mnist' and task.num_classes != 10:
             raise ValueError(f'the checkpoint has {task.num_classes} classes but Fashion-MNIST has 10.')
@@ -110,16 +108,10 @@ def validate(args: argparse.Namespace):
 
 def plot_confusion(matrix: torch.Tensor, classes, path: Path) -> None:
     """Save the confusion matrix (rows: true class, columns: predicted) with counts, via torchmetrics' plot."""
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     from torchmetrics.utilities.plot import plot_confusion_matrix
 
-    fig, ax = plot_confusion_matrix(matrix.cpu(), add_text=len(classes) <= 20, labels=list(classes))
+    fig, ax = new_figure(1, 1, figsize=(max(6, 0.6 * len(classes) + 2), max(5, 0.6 * len(classes) + 1)))
+    plot_confusion_matrix(matrix.cpu(), ax=ax, labels=list(classes))
     ax.set_xlabel('predicted')
     ax.set_ylabel('true')
-    fig.set_size_inches(max(6, 0.6 * len(classes) + 2), max(5, 0.6 * len(classes) + 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches='tight')
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

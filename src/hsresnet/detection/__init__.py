@@ -3,7 +3,7 @@
 See docs/detection.md. ``hsresnet detect train|eval|predict`` is the command line (``detection.cli``).
 """
 
-from .datasets import CocoDetection, collate_fn, load_coco_json, voc_dataset, voc_to_coco
+from .datasets import CocoDetection, collate_fn, detection_transforms, load_coco_json, voc_dataset, voc_to_coco
 from .evaluation import DetectionEvaluator, coco_evaluate, to_coco_results
 from .models import (
     DETECTORS,
@@ -14,7 +14,6 @@ from .models import (
     maskrcnn_hs_resnet50_fpn,
     timm_fpn_backbone,
 )
-from .transforms import detection_transforms
 
 __all__ = [
     'DETECTORS',

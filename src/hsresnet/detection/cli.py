@@ -12,31 +12,25 @@ only --checkpoint. See docs/detection.md.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import torch
 
+from .. import dense
 from ..engine import (
     add_config_argument,
     add_engine_arguments,
-    fit,
-    init_distributed,
     load_trained_model,
-    make_loader,
     parse_kwargs,
-    resolve_config,
-    track_explicit_flags,
-    write_json,
 )
-from ..engine.checkpoint import CHECKPOINT_HELP
 from ..engine.config import NON_NEGATIVE_INT, POSITIVE_INT, PROBABILITY
-from ..engine.distributed import cleanup_distributed
+from ..engine.distributed import resolve_device
+from ..images import find_images
 from .datasets import collate_fn
 from .models import DETECTORS, create_detector
-from .predict import find_images, predict_images
-from .task import DetectionTask, build_dataset, class_names_of, detector_kwargs, evaluate_detector
+from .predict import predict_images
+from .task import DetectionTask, build_dataset, detector_kwargs, evaluate_detector
 
 # torchvision's detection recipe: SGD 0.02 for a batch of 16, 26 epochs with steps at 16 and 22 (the 2x schedule
 # halves that), warm-up
@@ -63,23 +57,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         choices=sorted(DETECTORS),
         help='detector (default: fasterrcnn_hs_resnet50_fpn); Mask R-CNN needs instance masks.',
     )
-    g.add_argument(
-        '--backbone',
-        default='hs_resnet50',
-        help='timm backbone: an hs_resnet* model or a baseline (resnet50, resnet50d, res2net50_26w_4s).',
-    )
-    g.add_argument(
-        '--backbone-kwargs',
-        nargs='*',
-        default=[],
-        metavar='K=V',
-        help='timm.create_model kwargs of the backbone (e.g. w=16 s=6).',
-    )
-    g.add_argument(
-        '--backbone-checkpoint',
-        default=None,
-        help='classification weights (.safetensors from `hsresnet train`) for the backbone, strict keys.',
-    )
+    dense.add_backbone_arguments(g)
     g.add_argument(
         '--trainable-layers',
         type=NON_NEGATIVE_INT,
@@ -162,43 +140,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    track_explicit_flags(train)
     add_config_argument(train)
     _add_model_arguments(train)
     _add_data_arguments(train, train=True)
     add_engine_arguments(train)
-    train.set_defaults(**TRAIN_DEFAULTS, _parser=train)
+    train.set_defaults(**TRAIN_DEFAULTS)
 
-    ev = sub.add_parser(
-        'validate',
-        aliases=['eval'],
-        help='COCO box/mask AP of a checkpoint (alias: eval)',
+    ev, pr = dense.add_inference_parsers(
+        sub,
+        'COCO box/mask AP of a checkpoint (alias: eval)',
+        'detect on images: overlay PNGs and predictions.json',
+        'runs/detect_predict',
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ev.add_argument('--checkpoint', required=True, help=CHECKPOINT_HELP)
     _add_data_arguments(ev, train=False)
     ev.add_argument('-b', '--batch-size', type=POSITIVE_INT, default=2, help='batch size (default: 2).')
-    ev.add_argument('-j', '--workers', type=NON_NEGATIVE_INT, default=2, help='data loading processes.')
-    ev.add_argument('--output', default=None, help='write the metrics to this JSON file.')
-    _add_runtime_arguments(ev)
-
-    pr = sub.add_parser(
-        'predict',
-        help='detect on images: overlay PNGs and predictions.json',
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    pr.add_argument('--checkpoint', required=True, help=CHECKPOINT_HELP)
-    pr.add_argument('inputs', nargs='+', help='image files or folders of images.')
-    pr.add_argument('--output', default='runs/detect_predict', help='folder for the PNGs and predictions.json.')
     pr.add_argument('--score-thresh', type=PROBABILITY, default=0.5, help='keep detections with at least this score.')
-    _add_runtime_arguments(pr)
-
-
-def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--device', default='auto', help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda'.")
-    p.add_argument('--threads', type=POSITIVE_INT, default=None, help='torch CPU threads (default: torch).')
 
 
 def load_detector_checkpoint(path: str) -> Tuple[torch.nn.Module, Dict[str, Any]]:
@@ -210,53 +168,29 @@ def load_detector_checkpoint(path: str) -> Tuple[torch.nn.Module, Dict[str, Any]
     return load_trained_model(path, 'detection', build, 'hsresnet detect train')
 
 
-def _train(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args, args._parser)
+def _train(cfg: argparse.Namespace) -> int:
     cfg.backbone_kwargs = parse_kwargs(cfg.backbone_kwargs)
     cfg.detector_kwargs = parse_kwargs(cfg.detector_kwargs)
-    info = init_distributed(cfg.device)
-    summary = fit(DetectionTask(cfg), cfg)
-    if info.is_main:  # under torchrun every rank returns the summary
-        keys = [k for k in ('bbox_AP', 'bbox_AP50', 'segm_AP', 'segm_AP50', 'train_time_s') if k in summary]
-        print(json.dumps({k: summary[k] for k in keys + [k for k in summary if k.startswith('best_')]}))
-    return 0
+    metrics = ('bbox_AP', 'bbox_AP50', 'segm_AP', 'segm_AP50', 'train_time_s', 'best_bbox_AP', 'best_segm_AP')
+    return dense.train(DetectionTask(cfg), cfg, (*metrics, 'best_epoch'))
 
 
 def _validate(args: argparse.Namespace) -> int:
-    info = init_distributed(args.device)
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        model, meta = load_detector_checkpoint(args.checkpoint)
-        cfg = argparse.Namespace(**{**vars(args), 'hflip': 0.0, 'vflip': 0.0, 'skip_empty': False})
-        masks = meta['model'].startswith('maskrcnn')
-        dataset = build_dataset(cfg, 'val', train=False, masks=masks, classes=class_names_of(meta))
-        if dataset.class_names != class_names_of(meta):
-            raise ValueError(
-                f'the data has classes {dataset.class_names} but the checkpoint was trained on {class_names_of(meta)}.'
-            )
-        loader = make_loader(
-            dataset, args.eval_batch_size or args.batch_size, False, info, workers=args.workers, collate_fn=collate_fn
+    model, meta = dense.load_model(args, load_detector_checkpoint)
+    masks = meta['model'].startswith('maskrcnn')
+    dataset = build_dataset(args, 'val', train=False, masks=masks, classes=meta['class_names'])
+    if dataset.class_names != meta['class_names']:
+        raise ValueError(
+            f'the data has classes {dataset.class_names} but the checkpoint was trained on {meta["class_names"]}.'
         )
-        metrics = evaluate_detector(model.to(info.device), loader)
-        if info.is_main:
-            print(json.dumps(metrics, indent=2))
-            if args.output:
-                write_json(args.output, {'checkpoint': str(args.checkpoint), 'images': len(dataset), **metrics})
-    finally:
-        cleanup_distributed()
-    return 0
+    return dense.validate(args, model, dataset, collate_fn, evaluate_detector)
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from ..engine.distributed import resolve_device
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, meta = load_detector_checkpoint(args.checkpoint)
+    model, meta = dense.load_model(args, load_detector_checkpoint)
     paths = find_images(args.inputs)
     result = predict_images(
-        model, paths, Path(args.output), class_names_of(meta), resolve_device(args.device), args.score_thresh
+        model, paths, Path(args.output), meta['class_names'], resolve_device(args.device), args.score_thresh
     )
     records, skipped = result['images'], result['skipped']
     n = sum(len(r['detections']) for r in records)

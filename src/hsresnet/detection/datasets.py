@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.ops import box_convert
+from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ..images import IMAGE_SUFFIXES, open_image
-from .transforms import to_tv_tensors
-
-__all__ = ['CocoDetection', 'collate_fn', 'load_coco_json', 'voc_dataset', 'voc_to_coco']
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +54,21 @@ def load_coco_json(path: str | Path) -> Dict[str, Any]:
     return data
 
 
+def detection_transforms(train: bool, hflip: float = 0.5, vflip: float = 0.0) -> Callable:
+    """Random horizontal (and optionally vertical) flips for training, nothing for evaluation; ``v2`` flips the
+    boxes and masks with the image. Vertical flips suit top-down images (aerial, microscopy), so they are off by
+    default. Resizing is left to the detector (torchvision's ``GeneralizedRCNNTransform``: ``min_size``/``max_size``).
+    """
+    flips = [(v2.RandomHorizontalFlip, hflip), (v2.RandomVerticalFlip, vflip)]
+    steps = [flip(p) for flip, p in flips if train and p > 0]
+    return v2.Compose(steps) if steps else v2.Identity()
+
+
 def _decode_segmentation(segm: Any, height: int, width: int, where: str) -> np.ndarray:
-    """Polygons, uncompressed or compressed RLE -> (H, W) uint8 mask; an RLE of another size is an error."""
+    """Polygons, uncompressed or compressed RLE (of the image's size, checked on loading) -> (H, W) uint8 mask."""
     from faster_coco_eval.core import mask as mask_utils
 
     if isinstance(segm, dict):
-        size = list(segm.get('size', []))
-        if size != [height, width]:
-            raise ValueError(
-                f'{where}: its RLE mask has size {size} but the image is [{height}, {width}] '
-                f'(height, width); the mask must be annotated on the same image size.'
-            )
         rle = mask_utils.frPyObjects(segm, height, width) if isinstance(segm.get('counts'), list) else segm
     elif isinstance(segm, list) and segm:
         rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
@@ -123,7 +128,6 @@ class CocoDetection(Dataset):
             if len(ids) < len(self.images):
                 log.info('%s: skipped %d images without annotations', self.name, len(self.images) - len(ids))
         self.ids = ids
-        self.info = data.get('info', {})
 
     def _clean(self, annotations: Sequence[Dict[str, Any]]) -> int:
         """Check ids, clip boxes to the image, drop degenerate ones; return how many were dropped."""
@@ -192,29 +196,27 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         image_id = self.ids[index]
-        info = self.images[image_id]
-        image = torch.from_numpy(np.array(self.load_image(image_id))).permute(2, 0, 1).contiguous()
+        image = tv_tensors.Image(pil_to_tensor(self.load_image(image_id)))
+        height, width = self.images[image_id]['height'], self.images[image_id]['width']
         anns = [a for a in self.anns[image_id] if not a.get('iscrowd', 0)]
-        boxes = torch.tensor(
-            [[a['bbox'][0], a['bbox'][1], a['bbox'][0] + a['bbox'][2], a['bbox'][1] + a['bbox'][3]] for a in anns],
-            dtype=torch.float32,
-        ).reshape(-1, 4)
+        xywh = torch.tensor([a['bbox'] for a in anns], dtype=torch.float64).reshape(-1, 4)
         target: Dict[str, torch.Tensor] = {
-            'boxes': boxes,
+            'boxes': tv_tensors.BoundingBoxes(
+                box_convert(xywh, 'xywh', 'xyxy').float(), format='XYXY', canvas_size=(height, width)
+            ),
             'labels': torch.tensor([self.cat_to_label[a['category_id']] for a in anns], dtype=torch.int64),
             'image_id': torch.tensor(image_id),
         }
         if self.masks:
-            height, width = info['height'], info['width']
             masks = [
                 _decode_segmentation(a['segmentation'], height, width, f'{self.name}: annotation {a.get("id")}')
                 for a in anns
             ]
-            target['masks'] = (
+            target['masks'] = tv_tensors.Mask(
                 torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, height, width, dtype=torch.uint8)
             )
         if self.transforms is not None:
-            image, target = self.transforms(*to_tv_tensors(image, target))
+            image, target = self.transforms(image, target)
         target = {k: v.as_subclass(torch.Tensor) for k, v in target.items()}
         return image.as_subclass(torch.Tensor).float().div_(255), target
 

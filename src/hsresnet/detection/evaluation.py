@@ -14,8 +14,7 @@ from typing import Any, Dict, Iterable, List, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-
-__all__ = ['STAT_NAMES', 'DetectionEvaluator', 'coco_evaluate', 'to_coco_results']
+from torchvision.ops import box_convert
 
 # the 12 numbers of COCOeval.summarize(), in its order
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
@@ -58,8 +57,7 @@ def to_coco_results(
 
     results = []
     for out, image_id in zip(outputs, image_ids):
-        boxes = out['boxes'].detach().float().cpu()
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+        xywh = box_convert(out['boxes'].detach().float().cpu(), 'xyxy', 'xywh').tolist()
         labels, scores = out['labels'].tolist(), out['scores'].detach().float().cpu().tolist()
         rles = []
         if masks:

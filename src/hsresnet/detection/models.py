@@ -5,10 +5,6 @@ HS-ResNet-50 and keeps everything else. One builder does that here for every bac
 timm baselines ``resnet50``, ``resnet50d``, ``res2net50_26w_4s``), so comparisons differ only in the backbone:
 ``BackboneWithFPN`` over the timm model's four stages (reductions 4, 8, 16, 32), torchvision's heads, the
 backbone's own ``mean``/``std`` as the detector's ``image_mean``/``image_std``.
-
-As in torchvision's ``*_resnet50_fpn`` builders, BN is frozen (``FrozenBatchNorm2d``) and only the last 3 stages
-train when the backbone starts from a trained (classification) checkpoint; from scratch BN trains and so do all
-stages. Both can be set explicitly.
 """
 
 from __future__ import annotations
@@ -30,16 +26,6 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..engine.checkpoint import load_backbone_checkpoint
 from ..factory import check_model_name, freeze_stages
-
-__all__ = [
-    'DETECTORS',
-    'build_detector',
-    'create_detector',
-    'fasterrcnn_hs_resnet50_fpn',
-    'load_backbone_checkpoint',
-    'maskrcnn_hs_resnet50_fpn',
-    'timm_fpn_backbone',
-]
 
 STAGE_REDUCTIONS = (4, 8, 16, 32)
 
@@ -162,14 +148,3 @@ def create_detector(name: str, **kwargs) -> nn.Module:
     if name not in DETECTORS:
         raise ValueError(f'unknown detector {name!r}: choose one of {sorted(DETECTORS)}.')
     return DETECTORS[name](**kwargs)
-
-
-def is_mask_model(model: nn.Module) -> bool:
-    """True for Mask R-CNN (the model predicts instance masks)."""
-    model = getattr(model, 'module', model)
-    return getattr(model.roi_heads, 'mask_head', None) is not None
-
-
-def count_trainable(model: nn.Module) -> int:
-    """Number of parameters that train."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

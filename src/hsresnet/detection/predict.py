@@ -7,32 +7,20 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 from torchvision.transforms.v2.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ..images import find_images, open_image, readable
-
-__all__ = ['find_images', 'draw_detections', 'predict_images']
+from ..images import open_image, readable
+from .evaluation import to_coco_results
 
 # distinct, readable colours (boxes by class, masks by instance)
 PALETTE = [
-    (230, 25, 75),
-    (60, 180, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-    (0, 128, 128),
-    (220, 190, 255),
-]
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+]  # fmt: skip
 
 
 def draw_detections(
@@ -77,8 +65,7 @@ def predict_images(
 
     Detections below ``score_thresh`` are left out of both. Masks are stored as COCO RLE.
     """
-    from faster_coco_eval.core import mask as mask_utils
-
+    cat_ids = range(1, len(class_names) + 1)  # labels as they are
     output.mkdir(parents=True, exist_ok=True)
     model.eval().to(device)
     records: List[Dict[str, Any]] = []
@@ -86,21 +73,19 @@ def predict_images(
     for path, picture in readable(paths, open_image, skipped):
         image = pil_to_tensor(picture)  # uint8 (3, H, W)
         det = model([image.to(device).float() / 255])[0]
-        det = {k: v.cpu() for k, v in det.items()}
         keep = det['scores'] >= score_thresh
-        det = {k: v[keep] for k, v in det.items()}
+        det = {k: v[keep].cpu() for k, v in det.items()}
         overlay = draw_detections(image, det, class_names)
         Image.fromarray(overlay.permute(1, 2, 0).numpy()).save(output / f'{path.stem}.png')
         items = []
-        for i in range(len(det['boxes'])):
+        for box, result in zip(det['boxes'], to_coco_results([det], [0], cat_ids, masks='masks' in det)):
             item = {
-                'label': class_names[int(det['labels'][i]) - 1],
-                'score': round(float(det['scores'][i]), 4),
-                'box_xyxy': [round(float(v), 2) for v in det['boxes'][i]],
+                'label': class_names[result['category_id'] - 1],
+                'score': round(result['score'], 4),
+                'box_xyxy': [round(float(v), 2) for v in box],
             }
-            if 'masks' in det:
-                rle = mask_utils.encode(np.asfortranarray((det['masks'][i, 0] > 0.5).numpy().astype(np.uint8)))
-                item['mask_rle'] = {'size': list(rle['size']), 'counts': rle['counts'].decode('ascii')}
+            if 'segmentation' in result:
+                item['mask_rle'] = result['segmentation']  # COCO RLE: size and counts
             items.append(item)
         records.append(
             {

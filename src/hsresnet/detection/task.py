@@ -1,25 +1,20 @@
-"""The detection task for the shared engine (``hsresnet.engine``): datasets, model, loss and COCO evaluation.
-
-The engine owns the loop, DDP, optimizer, schedule, AMP, EMA, checkpoints and logs; this file only says what a
-detector trains on and how it is scored (see ``hsresnet/engine/task.py`` for the contract).
-"""
+"""The detection task for the shared engine (contract in ``hsresnet/engine/task.py``): datasets, model, loss and
+COCO evaluation."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .datasets import CocoDetection, collate_fn, voc_dataset
+from ..dense import make_loaders
+from .datasets import CocoDetection, collate_fn, detection_transforms, voc_dataset
 from .evaluation import DetectionEvaluator
-from .models import create_detector, is_mask_model
-from .transforms import detection_transforms
-
-__all__ = ['DetectionTask', 'build_dataset', 'detector_kwargs', 'MODEL_KEYS']
+from .models import create_detector
 
 # config keys that define the model (saved in the checkpoint header, so eval/predict rebuild the same model)
 MODEL_KEYS = (
@@ -40,42 +35,35 @@ MODEL_KEYS = (
 )
 
 
-def _layout(data: Path, split: str) -> Tuple[str, Path, Path]:
-    """(format, annotations, images) of ``split`` in ``data``: COCO (``annotations/instances_<split>.json`` +
-    ``<split>/``) or Pascal VOC (``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/<split>.txt``)."""
-    coco_json = data / 'annotations' / f'instances_{split}.json'
-    if coco_json.is_file():
-        return 'coco', coco_json, data / split
-    if (data / 'Annotations').is_dir():
-        return 'voc', data, data / 'JPEGImages'
-    raise FileNotFoundError(
-        f'{data} has neither {coco_json} (COCO layout: annotations/instances_<split>.json and <split>/ images) nor '
-        f'Annotations/ (Pascal VOC layout). Run `hsresnet data prepare` for the demo data, or pass --train-split/'
-        f'--val-split (e.g. train2017/val2017), or --train-ann/--train-images and --val-ann/--val-images.'
-    )
-
-
 def build_dataset(
     cfg: argparse.Namespace, split: str, train: bool, masks: bool, classes: Optional[Sequence[str]] = None
 ) -> CocoDetection:
-    """The dataset of ``split`` ('train' or 'val') that ``cfg`` points to (``classes``: the VOC class order)."""
-    ann = getattr(cfg, f'{split}_ann', None)
-    images = getattr(cfg, f'{split}_images', None)
-    transforms = detection_transforms(train, cfg.hflip if train else 0.0, cfg.vflip if train else 0.0)
-    skip_empty = bool(cfg.skip_empty) and train
+    """The dataset of ``split`` ('train' or 'val') that ``cfg`` points to: ``--<split>-ann``/``--<split>-images``,
+    else the ``--<split>-split`` of ``--data`` in the COCO layout (``annotations/instances_<split>.json`` +
+    ``<split>/``) or the Pascal VOC one (``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/<split>.txt``), whose
+    class order is ``classes``."""
+    ann, images = getattr(cfg, f'{split}_ann', None), getattr(cfg, f'{split}_images', None)
+    transforms = detection_transforms(True, cfg.hflip, cfg.vflip) if train else None
+    kwargs = dict(transforms=transforms, masks=masks, skip_empty=train and cfg.skip_empty)
     if ann:
         if not images:
             raise ValueError(
                 f'--{split}-ann needs --{split}-images (the folder its file_name entries are relative to).'
             )
-        return CocoDetection(ann, images, transforms, masks=masks, skip_empty=skip_empty)
+        return CocoDetection(ann, images, **kwargs)
     if not cfg.data:
         raise ValueError('no data: pass --data DIR (COCO or VOC layout) or --train-ann/--train-images.')
-    name = getattr(cfg, f'{split}_split')
-    fmt, ann_path, image_dir = _layout(Path(cfg.data), name)
-    if fmt == 'voc':
-        return voc_dataset(ann_path, name, classes, transforms=transforms, masks=masks, skip_empty=skip_empty)
-    return CocoDetection(ann_path, image_dir, transforms, masks=masks, skip_empty=skip_empty)
+    data, name = Path(cfg.data), getattr(cfg, f'{split}_split')
+    coco_json = data / 'annotations' / f'instances_{name}.json'
+    if coco_json.is_file():
+        return CocoDetection(coco_json, data / name, **kwargs)
+    if (data / 'Annotations').is_dir():
+        return voc_dataset(data, name, classes, **kwargs)
+    raise FileNotFoundError(
+        f'{data} has neither {coco_json} (COCO layout: annotations/instances_<split>.json and <split>/ images) nor '
+        f'Annotations/ (Pascal VOC layout). Run `hsresnet data prepare` for the demo data, or pass --train-split/'
+        f'--val-split (e.g. train2017/val2017), or --train-ann/--train-images and --val-ann/--val-images.'
+    )
 
 
 def detector_kwargs(cfg: Dict[str, Any], num_classes: int) -> Dict[str, Any]:
@@ -93,18 +81,13 @@ def detector_kwargs(cfg: Dict[str, Any], num_classes: int) -> Dict[str, Any]:
         frozen_bn=cfg.get('frozen_bn'),
         box_detections_per_img=cfg['detections_per_img'],
         box_score_thresh=cfg['score_thresh'],
+        mask_head_channels=cfg.get('mask_head_channels') or 256,
         **dict(cfg.get('detector_kwargs') or {}),
     )
-    if cfg['model'].startswith('maskrcnn'):
-        kwargs['mask_head_channels'] = cfg.get('mask_head_channels') or 256
     if cfg.get('anchor_sizes'):
         from torchvision.models.detection.anchor_utils import AnchorGenerator
 
-        sizes = tuple((int(s),) for s in cfg['anchor_sizes'])
-        if len(sizes) != 5:
-            raise ValueError(
-                f'--anchor-sizes needs 5 sizes (one per FPN level P2-P6), got {list(cfg["anchor_sizes"])}.'
-            )
+        sizes = tuple((int(s),) for s in cfg['anchor_sizes'])  # one per FPN level P2-P6 (the flag takes 5)
         kwargs['rpn_anchor_generator'] = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
     return kwargs
 
@@ -141,19 +124,7 @@ class DetectionTask:
         return create_detector(self.cfg.model, backbone_checkpoint=self.cfg.backbone_checkpoint, **kwargs)
 
     def build_loaders(self, info: Any) -> Tuple[DataLoader, DataLoader]:
-        from ..engine.distributed import make_loader
-
-        train, val = self.datasets()
-        if len(train) < self.cfg.batch_size * max(1, getattr(info, 'world_size', 1)):
-            raise ValueError(
-                f'the training set has {len(train)} images, fewer than one global batch '
-                f'({self.cfg.batch_size} per process); lower -b/--batch-size.'
-            )
-        kw = dict(workers=self.cfg.workers, seed=self.cfg.seed, collate_fn=collate_fn)
-        return (
-            make_loader(train, self.cfg.batch_size, True, info, **kw),
-            make_loader(val, self.cfg.eval_batch_size or self.cfg.batch_size, False, info, **kw),
-        )
+        return make_loaders(self.cfg, *self.datasets(), info, collate_fn)
 
     def batch_size(self, batch: Any) -> int:
         return len(batch[0])
@@ -161,9 +132,6 @@ class DetectionTask:
     def training_step(self, model: nn.Module, batch: Any) -> Dict[str, torch.Tensor]:
         """torchvision's detection losses (RPN objectness and box, ROI class and box, mask); 'loss' is their sum."""
         images, targets = batch
-        device = next(model.parameters()).device
-        images = [img.to(device, non_blocking=True) for img in images]
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         losses = model(images, targets)
         return {'loss': sum(losses.values()), **{k.removeprefix('loss_'): v.detach() for k, v in losses.items()}}
 
@@ -184,26 +152,16 @@ class DetectionTask:
 
 @torch.no_grad()
 def evaluate_detector(model: nn.Module, loader: DataLoader) -> Dict[str, float]:
-    """COCO bbox (and segm for Mask R-CNN) metrics of ``model`` on ``loader`` (a ``CocoDetection`` loader).
+    """COCO bbox (and segm for Mask R-CNN) metrics of ``model`` (in eval mode) on a ``CocoDetection`` ``loader``.
 
     Runs in float32 even under the engine's autocast: box coordinates in bfloat16 lose whole pixels.
     """
-    model = getattr(model, 'module', model)
-    was_training = model.training
-    model.eval()
     dataset: CocoDetection = loader.dataset
-    iou_types: Sequence[str] = ('bbox', 'segm') if is_mask_model(model) else ('bbox',)
+    iou_types = ('bbox', 'segm') if model.roi_heads.has_mask() else ('bbox',)
     evaluator = DetectionEvaluator(dataset.coco_dict(), dataset.cat_ids, iou_types)
     device = next(model.parameters()).device
     with torch.autocast(device.type, enabled=False):
         for images, targets in loader:
             outputs = model([img.to(device) for img in images])
             evaluator.update([{k: v.cpu() for k, v in o.items()} for o in outputs], targets)
-    model.train(was_training)
     return evaluator.compute()
-
-
-def class_names_of(meta: Dict[str, Any]) -> List[str]:
-    """Class names from a checkpoint header (``['class1', ...]``), or numbered ones."""
-    names = meta.get('class_names')
-    return list(names) if names else [str(i) for i in range(1, int(meta.get('num_classes', 2)))]

@@ -2,9 +2,9 @@
 
 A task object (see ``engine.task``) supplies the model, loaders, loss and metrics; ``fit(task, cfg)`` does the rest:
 torchrun/DDP, timm optimizer and scheduler, AMP, gradient accumulation, EMA, atomic checkpoints and ``--resume``,
-progress bars, CSV/TensorBoard/PNG records and the final JSON summary. A command builds its parser with
-``track_explicit_flags`` + ``add_config_argument`` + its own flags + ``add_engine_arguments``, then calls
-``resolve_config(args, parser)`` (YAML under typed flags) and ``fit``.
+progress bars, CSV/TensorBoard/PNG records and the final JSON summary. A command adds ``add_config_argument``, its
+own flags and ``add_engine_arguments`` to the ``RecipeParser`` the CLI gives it (YAML recipe under typed flags), then
+calls ``fit``.
 """
 
 from .checkpoint import (
@@ -17,14 +17,13 @@ from .checkpoint import (
     save_weights,
 )
 from .config import (
+    RecipeParser,
     add_amp_arguments,
     add_config_argument,
     add_engine_arguments,
     config_to_dict,
     load_yaml_config,
     parse_kwargs,
-    resolve_config,
-    track_explicit_flags,
 )
 from .distributed import DistInfo, ShardSampler, init_distributed, make_loader, seed_everything
 from .fit import amp_enabled, autocast, count_params, fit, to_device
@@ -34,6 +33,7 @@ from .task import Task
 __all__ = [
     'CheckpointError',
     'DistInfo',
+    'RecipeParser',
     'RunLogger',
     'ShardSampler',
     'Task',
@@ -54,12 +54,10 @@ __all__ = [
     'make_loader',
     'parse_kwargs',
     'plot_curves',
-    'resolve_config',
     'save_checkpoint',
     'save_weights',
     'seed_everything',
     'to_device',
-    'track_explicit_flags',
     'write_csv',
     'write_json',
 ]

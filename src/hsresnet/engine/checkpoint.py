@@ -12,7 +12,6 @@ may lag one save behind the state, which is complete by itself). Loading uses ``
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -20,6 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .outputs import atomic_write
 
 FORMAT = 'hsresnet-checkpoint-v1'
 WEIGHTS_SUFFIX = '.safetensors'
@@ -30,28 +31,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, foreign, or made for another model."""
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename onto ``path``; the temporary file is removed on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    try:
-        write(tmp)
-        with open(tmp, 'rb') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:  # name the file the user knows, not the temporary one
-        raise OSError(err.errno, err.strerror, str(path)) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: Optional[Dict] = None) -> Path:
     """Write a state_dict as safetensors, atomically; ``metadata`` (JSON-able) goes in the header."""
     path = Path(path)
     tensors = {k: v.detach().to('cpu').contiguous().clone() for k, v in state_dict.items()}
     meta = {'format': FORMAT, 'meta': json.dumps(metadata or {}, default=str)}
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
 
@@ -100,7 +85,7 @@ def save_checkpoint(stem: str | Path, model: nn.Module, state: Dict[str, Any], m
     stem = Path(stem)
     weights = {k: v.detach().to('cpu').contiguous().clone() for k, v in model.state_dict().items()}
     state = {**state, 'format': FORMAT, 'model': weights, 'meta': metadata}
-    _atomic_write(stem.with_name(stem.name + STATE_SUFFIX), lambda tmp: torch.save(state, tmp))
+    atomic_write(stem.with_name(stem.name + STATE_SUFFIX), lambda tmp: torch.save(state, tmp))
     save_weights(stem.with_name(stem.name + WEIGHTS_SUFFIX), weights, metadata)
 
 

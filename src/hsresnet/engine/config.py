@@ -9,43 +9,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import yaml
-
-_EXPLICIT = '_explicit_flags'
-
-
-def _tracked(action_cls: type) -> type:
-    """Subclass an argparse action so that it records its ``dest`` as set on the command line."""
-
-    class Tracked(action_cls):  # type: ignore[misc, valid-type]
-        def __call__(self, parser, namespace, values, option_string=None):
-            explicit = set(getattr(namespace, _EXPLICIT, set()))
-            explicit.add(self.dest)
-            setattr(namespace, _EXPLICIT, explicit)
-            super().__call__(parser, namespace, values, option_string)
-
-    Tracked.__name__ = f'Tracked{action_cls.__name__}'
-    return Tracked
-
-
-def track_explicit_flags(parser: argparse.ArgumentParser) -> None:
-    """Make every argument added to ``parser`` after this call remember when the user typed it.
-
-    Must be called before the ``add_argument`` calls; ``resolve_config`` then lets typed flags override the YAML.
-    """
-    for name, cls in (
-        (None, argparse._StoreAction),
-        ('store', argparse._StoreAction),
-        ('store_true', argparse._StoreTrueAction),
-        ('store_false', argparse._StoreFalseAction),
-        ('store_const', argparse._StoreConstAction),
-        ('append', argparse._AppendAction),
-        (argparse.BooleanOptionalAction, argparse.BooleanOptionalAction),
-    ):
-        parser.register('action', name, _tracked(cls))
 
 
 def int_at_least(minimum: int) -> Callable[[Any], int]:
@@ -137,18 +105,37 @@ def load_yaml_config(path: str | Path) -> Dict[str, Any]:
     return {str(k).replace('-', '_'): v for k, v in data.items()}
 
 
-def resolve_config(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> argparse.Namespace:
-    """Apply the YAML file named by ``args.config`` under the flags the user typed, and return the merged namespace.
+class RecipeParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that reads the YAML recipe named by ``-c/--config`` under the typed flags.
 
-    Unknown YAML keys are an error that lists them (a typo in a recipe must not be silently ignored).
+    Parsing starts from a namespace that holds the recipe's values, checked and converted as the flags would be
+    (``_coerce``); argparse fills in a default only where the namespace has no value, and a typed flag overwrites it.
+    Subparsers of a ``RecipeParser`` are ``RecipeParser``s too, so ``hsresnet detect train -c ...`` reads its recipe.
+    Unknown keys are an error that names them and the key meant (a typo in a recipe must not be silently ignored).
     """
-    cfg = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != _EXPLICIT})
-    path = getattr(args, 'config', None)
-    if not path:
-        return cfg
-    explicit = getattr(args, _EXPLICIT, set())
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        args = sys.argv[1:] if args is None else list(args)
+        actions = {a.dest: a for a in self._actions}  # argparse offers no public accessor for a parser's arguments
+        path = _recipe_path(args) if 'config' in actions else None
+        if path:
+            namespace = namespace if namespace is not None else argparse.Namespace()
+            for key, value in read_recipe(path, actions).items():
+                setattr(namespace, key, value)
+        return super().parse_known_args(args, namespace)
+
+
+def _recipe_path(args: Sequence[str]) -> Optional[str]:
+    """The ``-c/--config`` value among ``args`` (in any of argparse's spellings), or None."""
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument('-c', '--config')
+    return finder.parse_known_args(args)[0].config
+
+
+def read_recipe(path: str, actions: Dict[str, argparse.Action]) -> Dict[str, Any]:
+    """The recipe's values, each checked and converted by the flag ``actions[key]`` it sets."""
     data = load_yaml_config(path)
-    known = {k for k in vars(cfg) if not k.startswith('_')}
+    known = {k for k in actions if k not in ('help', 'config')}
     unknown = sorted(set(data) - known)
     if unknown:
         import difflib
@@ -159,32 +146,29 @@ def resolve_config(args: argparse.Namespace, parser: Optional[argparse.ArgumentP
             f'config file {path} has unknown keys {unknown}{f" (did you mean: {hints})" if hints else ""}; valid keys '
             f'are the flag names of this command (see --help), e.g. {sorted(known)[:6]} ...'
         )
+    values = {}
     for key, value in data.items():
-        if key not in explicit:
-            if key.endswith('_kwargs') and isinstance(value, dict):
-                value = [f'{k}={yaml.safe_dump(v, default_flow_style=True).strip()}' for k, v in value.items()]
-            elif key.endswith('_kwargs') and not isinstance(value, list):
-                raise ValueError(f'config file {path}: {key}: {value!r} should be a mapping (w: 16) or k=v items.')
-            if parser is not None:
-                try:
-                    value = _coerce(parser, key, value)
-                except argparse.ArgumentTypeError as err:
-                    raise ValueError(f'config file {path}: {key}: {err}.') from None
-            setattr(cfg, key, value)
-    return cfg
+        if key.endswith('_kwargs') and isinstance(value, dict):
+            value = [f'{k}={yaml.safe_dump(v, default_flow_style=True).strip()}' for k, v in value.items()]
+        elif key.endswith('_kwargs') and not isinstance(value, list):
+            raise ValueError(f'config file {path}: {key}: {value!r} should be a mapping (w: 16) or k=v items.')
+        try:
+            values[key] = _coerce(actions[key], value)
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f'config file {path}: {key}: {err}.') from None
+    return values
 
 
-def _coerce(parser: argparse.ArgumentParser, dest: str, value: Any) -> Any:
+def _coerce(action: argparse.Action, value: Any) -> Any:
     """Check and convert a YAML value as the flag would its text: its ``type`` (so '1e-3' or 3 become floats where
     the flag wants one, and 2.5 is refused where it wants an integer), its ``choices`` and whether it takes a list."""
-    action = next((a for a in parser._actions if a.dest == dest), None)
-    if action is None or value is None:
+    if value is None:
         return value
     if action.nargs == 0:  # a switch (store_true, --x/--no-x)
         if not isinstance(value, bool):
             raise argparse.ArgumentTypeError(f'{value!r} should be true or false')
         return value
-    takes_list = action.nargs not in (None, '?') or isinstance(action, argparse._AppendAction)
+    takes_list = action.nargs not in (None, '?')
     if takes_list != isinstance(value, (list, tuple)):
         raise argparse.ArgumentTypeError(f'{value!r} should be {"a list" if takes_list else "a single value"}')
     values = list(value) if takes_list else [value]
@@ -229,8 +213,9 @@ def amp_mode(value: Any) -> bool | str:
     )
 
 
-def add_amp_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """``--amp [auto|true|false]`` and ``--amp-dtype``, the same for training and evaluation commands."""
+def add_amp_arguments(parser: Any) -> None:
+    """``--amp [auto|true|false]`` and ``--amp-dtype`` on a parser or argument group, the same for training and
+    evaluation commands."""
     parser.add_argument(
         '--amp',
         nargs='?',
@@ -246,7 +231,7 @@ def add_amp_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags every training task shares (timm's names). Call ``track_explicit_flags(parser)`` first."""
+    """The flags every training task shares (timm's names)."""
     group = parser.add_argument_group('training (engine)')
     group.add_argument(
         '--output', default='runs/train', help='run directory: checkpoints, CSV, TensorBoard, PNG, JSON.'

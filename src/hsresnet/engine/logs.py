@@ -6,37 +6,50 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+from .outputs import atomic_write
 
 
-def write_json(path: str | Path, data: Dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + '\n')
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically (a reader never sees half a file)."""
+    text = json.dumps(data, indent=2, default=str) + '\n'
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def write_csv(path: str | Path, rows: List[Dict[str, Any]]) -> None:
-    """Write dict rows; the header is the union of keys in first-seen order."""
+    """Write dict rows, atomically; the header is the union of keys in first-seen order."""
     keys: List[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(Path(path), write)
+
+
+def new_figure(rows: int, cols: int, figsize: Tuple[float, float], squeeze: bool = True) -> Tuple[Any, Any]:
+    """A matplotlib figure and its ``rows`` x ``cols`` axes, drawn off-screen (no pyplot state, nothing to close)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, squeeze=squeeze)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> None:
+    """Lay out ``fig`` and write it as a PNG, atomically."""
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi, format='png'))
 
 
 def plot_curves(path: str | Path, history: List[Dict[str, Any]], main_metric: str) -> None:
     """Two panels: the losses, and the main metric (and any ``ema_`` twin) per epoch."""
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
     epochs = [row['epoch'] for row in history]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_metric) = new_figure(1, 2, figsize=(10, 4))
     for key in sorted({k for row in history for k in row if 'loss' in k}):
         ax_loss.plot(epochs, [row.get(key, math.nan) for row in history], marker='o', label=key)
     ax_loss.set_xlabel('epoch')
@@ -49,9 +62,7 @@ def plot_curves(path: str | Path, history: List[Dict[str, Any]], main_metric: st
     for ax in (ax_loss, ax_metric):
         if ax.get_legend_handles_labels()[0]:  # nothing plotted yet (no eval so far): no empty legend
             ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 class RunLogger:

@@ -16,7 +16,7 @@ import fcntl
 import os
 import shutil
 from pathlib import Path
-from typing import IO, Dict, List, Optional, Sequence
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence
 
 RUN_RECORD, EXPORT_RECORD, LOCK = 'config.json', 'export.json', '.lock'
 # every file and folder a training run writes (any task), its record and lock included
@@ -133,6 +133,23 @@ def claim_export_folder(output: str | Path, overwrite: bool) -> None:
             raise OutputError(f'--output {output} already holds an export: pass --overwrite to replace it.')
         clear_run_folder(output, [n for n in entries if n in EXPORT_FILES])
     output.mkdir(parents=True, exist_ok=True)
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename onto ``path``: a reader (or a run killed at any moment) sees the
+    old file or the new one, never half a file. The temporary file is removed on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+    try:
+        write(tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:  # name the file the user knows, not the temporary one
+        raise OSError(err.errno, err.strerror, str(path)) from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def describe_os_error(err: OSError) -> str:

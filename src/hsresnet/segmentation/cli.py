@@ -6,32 +6,26 @@ Checkpoints store the model settings, so eval and predict need only --checkpoint
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
+from .. import dense
 from ..engine import (
     add_amp_arguments,
     add_config_argument,
     add_engine_arguments,
     autocast,
-    fit,
-    init_distributed,
     load_trained_model,
-    make_loader,
     parse_kwargs,
-    resolve_config,
-    track_explicit_flags,
     write_json,
 )
-from ..engine.checkpoint import CHECKPOINT_HELP
-from ..engine.config import NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, PROBABILITY, int_at_least
-from ..engine.distributed import cleanup_distributed, resolve_device
+from ..engine.config import POSITIVE, POSITIVE_INT, PROBABILITY, int_at_least
+from ..engine.distributed import resolve_device
+from ..images import find_images
 from .data import SegmentationTransform, build_dataset, pad_collate
-from .models import backbone_mean_std
-from .predict import find_images, predict_images
+from .predict import predict_images
 from .task import SegmentationTask, build_segmentation_model, evaluate_segmentation
 
 # Cityscapes-style defaults (DeepLabV3+ recipe: SGD 0.01 for a batch of 8, poly decay with power 0.9)
@@ -47,36 +41,16 @@ TRAIN_DEFAULTS = dict(
 )
 
 
-def _add_eval_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--data', default=None, help='a Cityscapes root (leftImg8bit/, gtFine/) or a mask folder.')
-    p.add_argument('--val-split', default='val', help='split folder to evaluate on (default: val).')
-    p.add_argument('-j', '--workers', type=NON_NEGATIVE_INT, default=2, help='data loading processes.')
-    p.add_argument('--device', default='auto', help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda'.")
-    add_amp_arguments(p)
-    p.add_argument('--threads', type=POSITIVE_INT, default=None, help='torch CPU threads (default: torch).')
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest='action', metavar='ACTION', required=True)
 
     train = sub.add_parser('train', help='train DeepLabV3+ (shared engine)', description=__doc__)
-    track_explicit_flags(train)
     add_config_argument(train)
     model = train.add_argument_group('model')
     model.add_argument(
         '--model', default='deeplabv3plus', help='deeplabv3plus (with --backbone) or deeplabv3plus_<backbone>.'
     )
-    model.add_argument(
-        '--backbone',
-        default='hs_resnet50',
-        help='timm encoder: an hs_resnet* model or a baseline (resnet50, resnet50d, res2net50_26w_4s).',
-    )
-    model.add_argument(
-        '--backbone-kwargs', nargs='*', default=[], metavar='K=V', help='timm.create_model kwargs (e.g. w=16 s=6).'
-    )
-    model.add_argument(
-        '--backbone-checkpoint', default=None, help='classification weights (.safetensors) to start from.'
-    )
+    dense.add_backbone_arguments(model)
     model.add_argument('--output-stride', type=int, default=16, choices=[8, 16], help='encoder output stride.')
     model.add_argument('--frozen-bn', action='store_true', help='freeze the encoder BatchNorm (FrozenBatchNorm2d).')
     model.add_argument(
@@ -103,32 +77,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument('--hflip', type=PROBABILITY, default=0.5, help='horizontal flip probability.')
     add_engine_arguments(train)
-    train.set_defaults(**TRAIN_DEFAULTS, _parser=train)  # the parser types YAML values (resolve_config)
+    train.set_defaults(**TRAIN_DEFAULTS)
 
-    ev = sub.add_parser(
-        'validate',
-        aliases=['eval'],
-        help='mIoU / pixel accuracy / per-class IoU of a checkpoint (alias: eval)',
+    ev, pr = dense.add_inference_parsers(
+        sub,
+        'mIoU / pixel accuracy / per-class IoU of a checkpoint (alias: eval)',
+        'segment images: overlay PNGs, mask PNGs, predictions.json',
+        'runs/segment_predict',
         description=__doc__,
     )
-    ev.add_argument('--checkpoint', required=True, help=CHECKPOINT_HELP)
-    _add_eval_data_arguments(ev)
+    ev.add_argument('--data', default=None, help='a Cityscapes root (leftImg8bit/, gtFine/) or a mask folder.')
+    ev.add_argument('--val-split', default='val', help='split folder to evaluate on (default: val).')
     ev.add_argument('-b', '--batch-size', type=POSITIVE_INT, default=1, help='batch size (default: 1).')
-    ev.add_argument('--output', default=None, help='write the metrics to this JSON file.')
-
-    pr = sub.add_parser(
-        'predict', help='segment images: overlay PNGs, mask PNGs, predictions.json', description=__doc__
-    )
-    pr.add_argument('--checkpoint', required=True, help=CHECKPOINT_HELP)
-    pr.add_argument('inputs', nargs='+', help='image files or folders of images.')
-    pr.add_argument('--output', default='runs/segment_predict', help='folder for the PNGs and predictions.json.')
+    add_amp_arguments(ev)
     pr.add_argument('--alpha', type=PROBABILITY, default=0.5, help='overlay opacity of the class colours.')
-    pr.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'.")
-    pr.add_argument('--threads', type=POSITIVE_INT, default=None, help='torch CPU threads (default: torch).')
 
 
-def _crop_size(values) -> int | Tuple[int, int]:
-    values = [int(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+def _crop_size(values: List[int]) -> int | Tuple[int, int]:
     if len(values) not in (1, 2) or min(values) < 16:
         raise ValueError(f'--crop-size takes one or two sizes >= 16 (S or H W), got {values}.')
     return values[0] if len(values) == 1 else (values[0], values[1])
@@ -141,59 +106,35 @@ def load_segmentation_checkpoint(path: str) -> Tuple[torch.nn.Module, Dict[str, 
     )
 
 
-def _train(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args, args._parser)
+def _train(cfg: argparse.Namespace) -> int:
     cfg.crop_size = _crop_size(cfg.crop_size)
-    kwargs = cfg.backbone_kwargs
-    cfg.backbone_kwargs = dict(kwargs) if isinstance(kwargs, dict) else parse_kwargs(kwargs)  # YAML dict or K=V
-    info = init_distributed(cfg.device)
-    summary = fit(SegmentationTask(cfg), cfg)
-    if info.is_main:  # under torchrun every rank returns the summary
-        print(json.dumps({k: summary.get(k) for k in ('miou', 'pixel_acc', 'best_miou', 'train_time_s')}))
-    return 0
+    cfg.backbone_kwargs = parse_kwargs(cfg.backbone_kwargs)
+    return dense.train(SegmentationTask(cfg), cfg, ('miou', 'pixel_acc', 'best_miou', 'train_time_s'))
 
 
 def _validate(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if not args.data:
         raise ValueError('no data: pass --data DIR (a Cityscapes root or an image + mask-PNG folder).')
-    model, meta = load_segmentation_checkpoint(args.checkpoint)
-    info = init_distributed(args.device)
-    try:
-        mean, std = backbone_mean_std(model.backbone_name)
-        dataset = build_dataset(args.data, args.val_split, SegmentationTransform(mean, std), int(meta['num_classes']))
-        if list(getattr(dataset, 'classes', [])) != list(meta['class_names']):
-            raise ValueError(
-                f'{args.data} has classes {list(dataset.classes)} but the checkpoint was trained on '
-                f'{meta["class_names"]}: evaluate on data with the same classes.'
-            )
-        loader = make_loader(dataset, args.batch_size, False, info, args.workers, 0, pad_collate)
-        model.to(info.device)
-        with autocast(args, info.device):
-            metrics = evaluate_segmentation(model, loader, meta['class_names'])
-        if info.is_main:
-            result = {'checkpoint': str(args.checkpoint), 'data': str(args.data), 'split': args.val_split,
-                      'images': len(dataset), **metrics}  # fmt: skip
-            print(json.dumps(result, indent=2))
-            if args.output:
-                write_json(args.output, result)
-    finally:
-        cleanup_distributed()
-    return 0
+    model, meta = dense.load_model(args, load_segmentation_checkpoint)
+    transform = SegmentationTransform(model.mean, model.std)
+    dataset = build_dataset(args.data, args.val_split, transform, int(meta['num_classes']))
+    if list(dataset.classes) != list(meta['class_names']):
+        raise ValueError(
+            f'{args.data} has classes {list(dataset.classes)} but the checkpoint was trained on '
+            f'{meta["class_names"]}: evaluate on data with the same classes.'
+        )
+
+    def evaluate(model: torch.nn.Module, loader) -> Dict[str, float]:
+        with autocast(args, next(model.parameters()).device):
+            return evaluate_segmentation(model, loader, meta['class_names'])
+
+    return dense.validate(args, model, dataset, pad_collate, evaluate, data=str(args.data), split=args.val_split)
 
 
 def _predict(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not 0 <= args.alpha <= 1:
-        raise ValueError(f'--alpha {args.alpha} must be between 0 (image only) and 1 (colours only).')
-    model, meta = load_segmentation_checkpoint(args.checkpoint)
+    model, meta = dense.load_model(args, load_segmentation_checkpoint)
     paths = find_images(args.inputs)
-    device = resolve_device(args.device)
-    model.to(device)
-    mean, std = backbone_mean_std(model.backbone_name)
-    result = predict_images(model, paths, args.output, meta['class_names'], mean, std, device, args.alpha)
+    result = predict_images(model, paths, args.output, meta['class_names'], resolve_device(args.device), args.alpha)
     result = {'checkpoint': str(args.checkpoint), **result}
     write_json(Path(args.output) / 'predictions.json', result)
     for record in result['images']:

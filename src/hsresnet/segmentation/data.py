@@ -15,29 +15,16 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from ..images import IMAGE_SUFFIXES, check_image, open_image
 
 _log = logging.getLogger(__name__)
 
-__all__ = [
-    'IGNORE_INDEX',
-    'CITYSCAPES_CLASSES',
-    'CITYSCAPES_PALETTE',
-    'CITYSCAPES_LABEL_TO_TRAIN',
-    'CityscapesSegmentation',
-    'MaskFolderSegmentation',
-    'SegmentationTransform',
-    'build_dataset',
-    'pad_collate',
-    'pad_to_multiple',
-    'read_class_names',
-]
 
 IGNORE_INDEX = 255
 
@@ -82,23 +69,21 @@ def _read_pair(image_path: Path, mask_path: Path) -> Tuple[tv_tensors.Image, np.
         )
     if mask.max(initial=0) > IGNORE_INDEX:
         raise ValueError(f'Mask {mask_path} holds value {int(mask.max())} > {IGNORE_INDEX}; class ids must be 0..255.')
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return tv_tensors.Image(array), mask.astype(np.uint8)
+    return tv_tensors.Image(pil_to_tensor(image)), mask.astype(np.uint8)
 
 
 class _PairDataset(Dataset):
-    """Shared sample logic: (image, mask) paths, a mask id mapping for the pairs flagged in ``mapped``, a joint
-    transform."""
+    """Shared sample logic: (image, mask) paths, Cityscapes label ids mapped to train ids for the pairs flagged in
+    ``mapped``, a joint transform."""
 
     def __init__(
         self,
         pairs: List[Tuple[Path, Path]],
         num_classes: int,
         transform: Optional[PairTransform] = None,
-        lut: Optional[np.ndarray] = None,
         mapped: Optional[List[bool]] = None,
     ):
-        mapped = mapped if mapped is not None else [lut is not None] * len(pairs)
+        mapped = mapped or [False] * len(pairs)
         with ThreadPoolExecutor(max_workers=8) as pool:  # PIL's checks release the GIL while they decompress
             reasons = list(pool.map(lambda pair: check_image(pair[0]) or check_image(pair[1]), pairs))
         self.bad = [(pair, reason) for pair, reason in zip(pairs, reasons) if reason is not None]
@@ -111,7 +96,6 @@ class _PairDataset(Dataset):
         self.mapped = [m for m, ok in zip(mapped, keep) if ok]
         self.num_classes = num_classes
         self.transform = transform
-        self.lut = lut
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -129,8 +113,8 @@ class _PairDataset(Dataset):
     def _sample(self, index: int) -> Sample:
         image_path, mask_path = self.pairs[index]
         image, mask = _read_pair(image_path, mask_path)
-        if self.lut is not None and self.mapped[index]:
-            mask = self.lut[mask]
+        if self.mapped[index]:
+            mask = _LABEL_LUT[mask]
         bad = (mask >= self.num_classes) & (mask != IGNORE_INDEX)
         if bad.any():
             raise ValueError(
@@ -179,7 +163,7 @@ class CityscapesSegmentation(_PairDataset):
                 raise FileNotFoundError(
                     f'Cityscapes image {image} has no annotation: expected {label_ids} (or {train_ids.name}).'
                 )
-        super().__init__(pairs, len(CITYSCAPES_CLASSES), transform, _LABEL_LUT, mapped)
+        super().__init__(pairs, len(CITYSCAPES_CLASSES), transform, mapped)
 
 
 def read_class_names(root: str | Path) -> Optional[List[str]]:
@@ -300,20 +284,6 @@ class SegmentationTransform:
             image, mask = self.augment(image, mask)
         image, mask = self.normalize(image, mask)
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
-
-
-def pad_to_multiple(
-    images: torch.Tensor, masks: Optional[torch.Tensor] = None, multiple: int = 32
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Pad ``(N, 3, H, W)`` images (with 0) and ``(N, H, W)`` masks (with ignore) on the bottom/right so that H and
-    W are multiples of ``multiple`` (DeepLabV3+ needs sizes divisible by its output stride)."""
-    h, w = images.shape[-2:]
-    pad = (0, (-w) % multiple, 0, (-h) % multiple)
-    if pad == (0, 0, 0, 0):
-        return images, masks
-    images = F.pad(images, pad, value=0.0)
-    masks = None if masks is None else F.pad(masks, pad, value=IGNORE_INDEX)
-    return images, masks
 
 
 def pad_collate(batch: Sequence[Sample], multiple: int = 32) -> Sample:

@@ -13,8 +13,6 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from .data import IGNORE_INDEX
 
-__all__ = ['SegmentationMetrics', 'iou_from_confusion']
-
 
 def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
     """Per-class IoU ``TP / (TP + FP + FN)`` from a ``(C, C)`` confusion matrix (rows = truth); NaN for a class

@@ -15,6 +15,7 @@ import segmentation_models_pytorch as smp
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import freeze_batch_norm_2d
 
@@ -22,18 +23,6 @@ import hsresnet  # noqa: F401  (registers the hs_resnet* models into timm)
 
 from ..engine.checkpoint import load_backbone_checkpoint
 from ..factory import check_model_name, freeze_stages
-from .data import pad_to_multiple
-
-__all__ = [
-    'deeplabv3plus',
-    'deeplabv3plus_hs_resnet50',
-    'backbone_mean_std',
-    'load_backbone_checkpoint',
-    'predict_logits',
-    'BASELINES',
-]
-
-BASELINES = ('resnet50', 'resnet50d', 'res2net50_26w_4s')
 
 
 def backbone_mean_std(backbone: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -99,5 +88,4 @@ def predict_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Logits ``(N, C, H, W)`` of normalised images of any size: pads to the encoder's stride, crops back."""
     h, w = images.shape[-2:]
     stride = getattr(getattr(model, 'encoder', None), 'output_stride', 32)
-    padded, _ = pad_to_multiple(images, None, stride)
-    return model(padded)[..., :h, :w]
+    return model(F.pad(images, (0, (-w) % stride, 0, (-h) % stride)))[..., :h, :w]

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import colorsys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torchvision.transforms.v2.functional import normalize, pil_to_tensor
 
-from ..images import find_images, open_image, readable
+from ..images import open_image, readable
 from .data import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE
 from .models import predict_logits
-
-__all__ = ['palette_for', 'overlay', 'find_images', 'predict_images']
 
 BACKGROUND_NAMES = ('background', 'bg', 'void', 'unlabeled')
 
@@ -49,27 +48,22 @@ def predict_images(
     paths: Sequence[Path],
     out_dir: str | Path,
     class_names: Sequence[str],
-    mean: Sequence[float],
-    std: Sequence[float],
-    device: Optional[torch.device] = None,
+    device: torch.device,
     alpha: float = 0.5,
 ) -> Dict[str, Any]:
     """Segment each image at full resolution; write ``<stem>_overlay.png`` and ``<stem>_mask.png`` (a palette PNG
     whose pixel values are the class ids) into ``out_dir`` and return the per-image records for the JSON, with the
-    files skipped as unreadable."""
+    files skipped as unreadable. The images are normalised with ``model.mean`` and ``model.std``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = device or next(model.parameters()).device
-    model.eval()
+    model.eval().to(device)
     palette = palette_for(class_names)
     flat_palette = [c for colour in palette for c in colour]
-    mean_t = torch.tensor(mean, device=device).view(3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(3, 1, 1)
     records: List[Dict[str, Any]] = []
     skipped: List[Dict[str, str]] = []
     for path, image in readable(paths, open_image, skipped):
-        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).to(device).permute(2, 0, 1).float() / 255
-        logits = predict_logits(model, ((x - mean_t) / std_t)[None])[0]
+        x = normalize(pil_to_tensor(image).to(device).float() / 255, model.mean, model.std)
+        logits = predict_logits(model, x[None])[0]
         probs = logits.float().softmax(0)
         labels = probs.argmax(0)
         counts = torch.bincount(labels.flatten(), minlength=len(class_names)).double() / labels.numel()

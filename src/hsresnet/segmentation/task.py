@@ -1,8 +1,5 @@
-"""The semantic segmentation task for the shared engine (``hsresnet.engine``): data, DeepLabV3+, loss and mIoU.
-
-The engine owns the loop, DDP, optimizer, schedule, AMP, EMA, checkpoints and logs; this file only says what the
-model trains on and how it is scored (the contract is in ``hsresnet/engine/task.py``).
-"""
+"""The semantic segmentation task for the shared engine (contract in ``hsresnet/engine/task.py``): data,
+DeepLabV3+, loss and mIoU."""
 
 from __future__ import annotations
 
@@ -14,15 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..dense import make_loaders
 from .data import IGNORE_INDEX, SegmentationTransform, build_dataset, pad_collate
 from .metrics import SegmentationMetrics
 from .models import backbone_mean_std, deeplabv3plus, predict_logits
 
-__all__ = ['SegmentationTask', 'MODEL_KEYS', 'build_segmentation_model', 'evaluate_segmentation', 'resolve_backbone']
-
 # config keys that define the model (saved in the checkpoint header, so eval/predict rebuild the same model)
 MODEL_KEYS = ('model', 'backbone', 'backbone_kwargs', 'output_stride', 'frozen_bn', 'num_classes', 'class_names')
-MODELS = ('deeplabv3plus',)
 
 
 def resolve_backbone(model: Optional[str], backbone: Optional[str]) -> str:
@@ -30,7 +25,7 @@ def resolve_backbone(model: Optional[str], backbone: Optional[str]) -> str:
     model = model or 'deeplabv3plus'
     if model.startswith('deeplabv3plus_'):
         return model.removeprefix('deeplabv3plus_')
-    if model not in MODELS:
+    if model != 'deeplabv3plus':
         raise ValueError(
             f'--model {model!r} is unknown: use deeplabv3plus (with --backbone) or deeplabv3plus_<backbone>.'
         )
@@ -58,39 +53,27 @@ class SegmentationTask:
 
     def __init__(self, cfg: argparse.Namespace):
         self.cfg = cfg
-        self._datasets = None
-        self._class_names: Optional[List[str]] = None
+        self._datasets: Optional[Tuple[Dataset, Dataset]] = None
 
     def _backbone(self) -> str:
         return resolve_backbone(self.cfg.model, self.cfg.backbone)
 
-    def transforms(self, train: bool) -> SegmentationTransform:
-        mean, std = backbone_mean_std(self._backbone())
-        return SegmentationTransform(
-            mean,
-            std,
-            train,
-            crop_size=self.cfg.crop_size,
-            scale_range=tuple(self.cfg.scale_range),
-            hflip=self.cfg.hflip,
-        )
-
     def datasets(self) -> Tuple[Dataset, Dataset]:
         """(train, val) datasets of ``--data``; val takes the class count of train."""
+        cfg = self.cfg
         if self._datasets is None:
-            if not self.cfg.data:
+            if not cfg.data:
                 raise ValueError('no data: pass --data DIR (a Cityscapes root or an image + mask-PNG folder).')
-            num_classes = self.cfg.num_classes
-            train = build_dataset(self.cfg.data, self.cfg.train_split, self.transforms(True), num_classes)
-            val = build_dataset(self.cfg.data, self.cfg.val_split, self.transforms(False), train.num_classes)
+            mean, std = backbone_mean_std(self._backbone())
+            augment = SegmentationTransform(mean, std, True, cfg.crop_size, tuple(cfg.scale_range), cfg.hflip)
+            train = build_dataset(cfg.data, cfg.train_split, augment, cfg.num_classes)
+            val = build_dataset(cfg.data, cfg.val_split, SegmentationTransform(mean, std), train.num_classes)
             self._datasets = (train, val)
-            self._class_names = list(train.classes)
         return self._datasets
 
     @property
     def class_names(self) -> List[str]:
-        self.datasets()
-        return list(self._class_names or [])
+        return list(self.datasets()[0].classes)
 
     def model_config(self) -> Dict[str, Any]:
         config = {k: getattr(self.cfg, k, None) for k in MODEL_KEYS}
@@ -102,28 +85,12 @@ class SegmentationTask:
         return build_segmentation_model(config, self.cfg.backbone_checkpoint)
 
     def build_loaders(self, info: Any) -> Tuple[DataLoader, DataLoader]:
-        from ..engine.distributed import make_loader
-
-        train, val = self.datasets()
-        world = max(1, getattr(info, 'world_size', 1))
-        if len(train) < self.cfg.batch_size * world:
-            raise ValueError(
-                f'the training set has {len(train)} images, fewer than one global batch ({self.cfg.batch_size} per '
-                f'process x {world}); lower -b/--batch-size.'
-            )
-        kw = dict(workers=self.cfg.workers, seed=self.cfg.seed, collate_fn=pad_collate)
-        eval_batch = self.cfg.eval_batch_size or self.cfg.batch_size
-        train_loader = make_loader(train, self.cfg.batch_size, True, info, **kw)
-        return train_loader, make_loader(val, eval_batch, False, info, **kw)
-
-    def batch_size(self, batch: Any) -> int:
-        return len(batch[0])
+        return make_loaders(self.cfg, *self.datasets(), info, pad_collate)
 
     def training_step(self, model: nn.Module, batch: Any) -> Dict[str, torch.Tensor]:
         """Pixel-wise cross-entropy over the labelled pixels (ignore 255), the DeepLabV3+ training loss."""
-        images, masks = _to_device(model, batch)
-        logits = model(images)
-        return {'loss': F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)}
+        images, masks = batch
+        return {'loss': F.cross_entropy(model(images).float(), masks, ignore_index=IGNORE_INDEX)}
 
     def evaluate(self, model: nn.Module, loader: DataLoader) -> Dict[str, float]:
         return evaluate_segmentation(model, loader, self.class_names)
@@ -132,17 +99,11 @@ class SegmentationTask:
         return {'task': 'segmentation', **self.model_config()}
 
 
-def _to_device(model: nn.Module, batch: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    device = next(model.parameters()).device
-    images, masks = batch
-    return images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-
-
 @torch.no_grad()
 def evaluate_segmentation(model: nn.Module, loader: DataLoader, class_names: Sequence[str]) -> Dict[str, float]:
     """mIoU, pixel accuracy and per-class IoU of ``model`` over ``loader`` (summed over DDP ranks by torchmetrics)."""
-    metric = SegmentationMetrics(len(class_names), class_names).to(next(model.parameters()).device)
-    for batch in loader:
-        images, masks = _to_device(model, batch)
-        metric.update(predict_logits(model, images), masks)
+    device = next(model.parameters()).device
+    metric = SegmentationMetrics(len(class_names), class_names).to(device)
+    for images, masks in loader:
+        metric.update(predict_logits(model, images.to(device)), masks.to(device))
     return metric.compute()

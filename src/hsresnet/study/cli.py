@@ -46,23 +46,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument('--output', default=None, help='report folder (default: <folder>/report)')
 
 
-def _dry_run(study, out: Path) -> tuple:
+def _dry_run(study, out: Path, jobs: int) -> None:
+    """List every run with its state, command and estimated time, then the time left with ``jobs`` at once."""
     from .runner import estimate_seconds, status
 
-    total, unknown = 0.0, 0
     print(f'{study.name}: {len(study.runs)} runs in {out}')
+    estimates = []  # of the runs not done; None where there is none
     for run in study.runs:
-        state = status(out, run)
-        seconds = estimate_seconds(study, out, run) if state != 'done' else 0.0
+        state, eta = status(out, run), ''
         if state != 'done':
-            if seconds is None:
-                unknown += 1
-            else:
-                total += seconds
-        eta = '' if state == 'done' else ('  ~?' if seconds is None else f'  ~{seconds / 60:.0f} min')
+            estimates.append(estimate_seconds(study, out, run))
+            eta = '  ~?' if estimates[-1] is None else f'  ~{estimates[-1] / 60:.0f} min'
         print(f'  {state:8s} {run.key}{eta}')
         print(f'           hsresnet {shlex.join(run.argv)}')
-    return round(total), unknown
+    total, unknown = round(sum(s for s in estimates if s is not None)), estimates.count(None)
+    left = sum(1 for r in study.runs if not (out / r.key / r.result_file).is_file())
+    print(
+        f'{left} run(s) to go: about {total / 60 / jobs:.0f} min with {jobs} at once'
+        + (f' (+ {unknown} without an estimate)' if unknown else '')
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,25 +81,15 @@ def run(args: argparse.Namespace) -> int:
     if jobs < 1 or threads < 1:
         raise StudyError(f'--jobs and --threads must be >= 1, got {jobs} and {threads}.')
     if args.dry_run:
-        total, unknown = _dry_run(study, out)
-        left = sum(1 for r in study.runs if not (out / r.key / r.result_file).is_file())
-        print(
-            f'{left} run(s) to go: about {total / 60 / jobs:.0f} min with {jobs} at once'
-            + (f' (+ {unknown} without an estimate)' if unknown else '')
-        )
+        _dry_run(study, out, jobs)
         return 0
     from .runner import run_study, submitit_executor
 
     submit = None
     if args.submitit:
-        slurm = {'timeout_min': args.slurm_time}
-        if args.slurm_partition:
-            slurm['slurm_partition'] = args.slurm_partition
-        if args.slurm_gpus is not None:
-            slurm['gpus_per_node'] = args.slurm_gpus
-        if args.slurm_mem_gb is not None:
-            slurm['mem_gb'] = args.slurm_mem_gb
-        submit = submitit_executor(out, args.submitit, **slurm)
+        slurm = dict(slurm_partition=args.slurm_partition, gpus_per_node=args.slurm_gpus, mem_gb=args.slurm_mem_gb)
+        slurm = {k: v for k, v in slurm.items() if v is not None}
+        submit = submitit_executor(out, args.submitit, timeout_min=args.slurm_time, **slurm)
     outcomes = run_study(study, out, jobs, threads, args.rerun_stale, submit, progress=not args.no_progress)
     failed = [key for key, code, _ in outcomes if code != 0]
     for key in failed:

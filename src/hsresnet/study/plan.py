@@ -73,8 +73,7 @@ class Model:
     complexity: Complexity
 
     def spec(self) -> str:
-        """``NAME{kwargs}``, the model syntax of ``hsresnet benchmark -m``."""
-        return self.model + (flow(self.kwargs) if self.kwargs else '')
+        return model_spec(self.model, self.kwargs)
 
 
 @dataclass
@@ -167,9 +166,9 @@ def flow(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1 << 20).strip().removesuffix('...').strip()
 
 
-def kwargs_items(kwargs: Dict[str, Any]) -> List[str]:
-    """Constructor kwargs as the ``K=V`` items of ``--model-kwargs``."""
-    return [f'{k}={flow(v)}' for k, v in sorted(kwargs.items())]
+def model_spec(model: str, kwargs: Dict[str, Any]) -> str:
+    """``NAME{kwargs}``, the model syntax of ``hsresnet benchmark -m``."""
+    return model + (flow(kwargs) if kwargs else '')
 
 
 def _label(model: str, own: Dict[str, Any]) -> str:
@@ -229,10 +228,11 @@ def load_study(path: str | Path) -> Study:
         extra = _check_keys(f'{path}: experiments.{exp.name}.args', experiments[exp.name].get('args') or {})
         recipe = os.path.relpath(exp.recipe) if exp.recipe.is_relative_to(Path.cwd()) else str(exp.recipe)
         digest = hashlib.sha256(exp.recipe.read_bytes()).hexdigest()[:12]
-        for model in _unique(exp.models + [exp.reference]):
+        for model in unique_models(exp.models + [exp.reference]):
             for seed in seeds:
                 rest = [model_flag, model.model]
-                rest += [kwargs_flag, *kwargs_items(model.kwargs)] if model.kwargs else []
+                items = [f'{k}={flow(v)}' for k, v in sorted(model.kwargs.items())]  # --model-kwargs K=V ...
+                rest += [kwargs_flag, *items] if items else []
                 rest += [*flags(extra), '--seed', str(seed)]
                 key = f'{exp.recipe.stem}/{model.label}/seed{seed}'
                 identity = [*command, '-c', f'{exp.recipe.name}@{digest}', *rest]
@@ -259,7 +259,8 @@ def _benchmark_run(exp: Experiment) -> Run:
     return Run(f'benchmark/{exp.name}', argv, argv, [exp.name], threads=bench.get('threads'))
 
 
-def _unique(models: Sequence[Model]) -> List[Model]:
+def unique_models(models: Sequence[Model]) -> List[Model]:
+    """One model per label, in first-seen order."""
     return list({m.label: m for m in models}.values())
 
 
@@ -292,7 +293,7 @@ def _plan_experiment(path: Path, name: str, exp: Any) -> Experiment:
             e['model_kwargs'] = {**(e.get('model_kwargs') or {}), **dict(zip(sweep, values))}
             expanded.append((f'{where}.models[{i}]', e))
     bc = budget.complexity if budget else None
-    models = _unique([_build_model(w, e, shared, bc, exp) for w, e in expanded])
+    models = unique_models([_build_model(w, e, shared, bc, exp) for w, e in expanded])
     reference = models[0]
     if exp.get('reference') is not None:
         reference = _build_model(f'{where}.reference', exp['reference'], shared, bc, exp)

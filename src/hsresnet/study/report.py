@@ -14,7 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..engine.logs import write_csv
+from ..engine.logs import new_figure, save_figure, write_csv
+from .plan import model_spec
 from .runner import PLAN_FILE, read_json
 
 NO_DIFFERENCE = 'no measurable difference at this scale'
@@ -61,12 +62,11 @@ def collect(out: Path) -> Dict[str, Any]:
     for name, exp in plan['experiments'].items():
         recipe = Path(exp['recipe']).stem
         rows = (read_json(out / 'benchmark' / name / 'results.json') or {}).get('results', [])
-        exp['speed_paths'] = fastest_paths(
-            rows, _spec(next(m for m in exp['models'] if m['label'] == exp['reference']))
-        )
+        reference = next(m for m in exp['models'] if m['label'] == exp['reference'])
+        exp['speed_paths'] = fastest_paths(rows, model_spec(reference['model'], reference['kwargs']))
         for model in exp['models']:
             model['runs'] = summaries.get(f'{recipe}/{model["label"]}', {})
-            spec = _spec(model)
+            spec = model_spec(model['model'], model['kwargs'])
             model['benchmark'] = {
                 r['bench']: r for r in rows if r['model'] == spec and r.get('path') == exp['speed_paths'][r['bench']]
             }
@@ -81,12 +81,6 @@ def fastest_paths(rows: List[Dict[str, Any]], reference: str) -> Dict[str, Optio
         if r['model'] == reference and r['samples_per_sec'] > best.get(r['bench'], {}).get('samples_per_sec', -1):
             best[r['bench']] = r
     return {kind: best[kind].get('path') if kind in best else None for kind in ('inference', 'train')}
-
-
-def _spec(model: Dict[str, Any]) -> str:
-    from .plan import flow
-
-    return model['model'] + (flow(model['kwargs']) if model['kwargs'] else '')
 
 
 def cells(exp: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -195,11 +189,6 @@ def markdown(name: str, exp: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
 def plot(name: str, exp: Dict[str, Any], rows: List[Dict[str, Any]], folder: Path) -> List[Path]:
     """``<name>.png``: the main metric against MACs and against measured throughput (mean and 95 % interval per
     model), and for a sweep the metric and the throughput against the swept value."""
-    import matplotlib
-
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
     metric = exp['metrics'][0]
     done = [r for r in rows if r[f'{metric}_n']]
     if not done:
@@ -208,7 +197,7 @@ def plot(name: str, exp: Dict[str, Any], rows: List[Dict[str, Any]], folder: Pat
     speed_label = f'measured inference images/s ({exp["speed_paths"]["inference"] or "?"})'
     panels = [('mmacs', 'MMACs per image'), ('inference_images_per_s', speed_label)]
     panels += [(sweep, f'split count {sweep}' if sweep == 's' else sweep)] if sweep else []
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2))
+    fig, axes = new_figure(1, len(panels), figsize=(5.2 * len(panels), 4.2))
     for ax, (key, xlabel) in zip(axes, panels):
         points = [r for r in done if r.get(key) is not None]
         for r in points:
@@ -229,10 +218,8 @@ def plot(name: str, exp: Dict[str, Any], rows: List[Dict[str, Any]], folder: Pat
         ax.set_ylabel(f'{metric} (mean, 95 % CI)')
         ax.grid(alpha=0.3)
     fig.suptitle(f'{name}: {exp["question"]}'[:150], fontsize=9)
-    fig.tight_layout()
     path = folder / f'{name}.png'
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return [path]
 
 
@@ -254,9 +241,11 @@ def write_report(out: Path, folder: Optional[Path] = None) -> Path:
                 metrics = {k: summary.get(k) for k in exp['metrics']}
                 all_runs.append({'experiment': name, 'model': m['label'], 'seed': seed, **metrics,
                                  'train_time_s': summary.get('train_time_s')})  # fmt: skip
-    total = sum(1 for r in plan['runs'] if r['label'] is not None)
-    head = f'# Study `{Path(plan["study"]).name}`: {len({r["key"] for r in plan["runs"] if r["label"]})} runs planned'
-    text = head + f' (seeds {plan["seeds"]})\n\nFinished runs counted per experiment: {finished}; planned: {total}.\n\n'
+    total = sum(1 for r in plan['runs'] if r['label'] is not None)  # the training runs: their keys are unique
+    text = (
+        f'# Study `{Path(plan["study"]).name}`: {total} runs planned (seeds {plan["seeds"]})\n\n'
+        f'Finished runs counted per experiment: {finished}; planned: {total}.\n\n'
+    )
     path = folder / 'study.md'
     path.write_text(text + '\n'.join(sections))
     write_csv(folder / 'cells.csv', all_cells)

@@ -20,8 +20,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from ..engine.logs import write_json
 from ..engine.outputs import LAUNCHER_FILES
-from .plan import Run, Study
+from .plan import Run, Study, unique_models
 
 LOG_FILE, RUN_FILE = LAUNCHER_FILES  # in every run folder: its output, and its identity, command and time when done
 PLAN_FILE = 'study.json'  # in the study folder: what `hsresnet study report` reads
@@ -32,13 +33,6 @@ def read_json(path: Path) -> Optional[Dict[str, Any]]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(data, indent=2, default=str) + '\n')
-    tmp.replace(path)
 
 
 def status(out: Path, run: Run) -> str:
@@ -124,7 +118,7 @@ def plan_record(study: Study) -> Dict[str, Any]:
             'budget': {'label': exp.budget.label, **asdict(exp.budget.complexity)},
             'models': [
                 {'label': m.label, 'model': m.model, 'kwargs': m.kwargs, 'own': m.own, **asdict(m.complexity)}
-                for m in _unique_models(exp)
+                for m in unique_models([exp.reference, *exp.models])
             ],
         }
     runs = [
@@ -132,10 +126,6 @@ def plan_record(study: Study) -> Dict[str, Any]:
         for r in study.runs
     ]
     return {'study': str(study.path), 'seeds': study.seeds, 'experiments': experiments, 'runs': runs}
-
-
-def _unique_models(exp) -> list:
-    return list({m.label: m for m in [exp.reference, *exp.models]}.values())
 
 
 def run_study(
