@@ -153,6 +153,34 @@ def test_amp_auto_follows_native_bf16(tmp_path, monkeypatch, capsys, native):
     assert "one of auto, true, false; got 'maybe'" in capsys.readouterr().err
 
 
+def test_run_records_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """JSON, CSV and PNG records are written to a temporary file and renamed: a write that fails part-way (here a full
+    disk at the flush) leaves the previous file as it was, no temporary file, and an error naming the record."""
+    import errno
+
+    from hsresnet.engine import logs, outputs
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    records = {
+        'summary.json': lambda path: logs.write_json(path, {'top1': 90.0}),
+        'metrics.csv': lambda path: logs.write_csv(path, [{'epoch': 1, 'loss': 0.5}]),
+        'curves.png': lambda path: logs.plot_curves(path, [{'epoch': 1, 'train_loss': 0.5}], 'top1'),
+    }
+    for name, write in records.items():
+        path = tmp_path / name
+        path.write_bytes(b'the previous record')
+        with monkeypatch.context() as patch:
+            patch.setattr(outputs.os, 'fsync', full_disk)
+            with pytest.raises(OSError, match='No space left') as caught:
+                write(path)
+        assert caught.value.filename == str(path)
+        assert path.read_bytes() == b'the previous record' and sorted(tmp_path.glob('.*')) == []
+        write(path)
+        assert path.read_bytes() != b'the previous record'
+
+
 def test_checkpoint_roundtrip_and_refusals(tmp_path):
     model = ToyTask.build_model(None)
     state = {'epoch': 3, 'rng': torch.get_rng_state(), 'config': {'model': 'toy'}}

@@ -13,20 +13,19 @@ from torch.utils.data import DataLoader, Dataset
 from .engine import fit, init_distributed, make_loader, write_json
 from .engine.checkpoint import CHECKPOINT_HELP
 from .engine.config import NON_NEGATIVE_INT, POSITIVE_INT
-from .engine.distributed import cleanup_distributed
+from .engine.distributed import DistInfo, cleanup_distributed
 
 Loaded = Tuple[nn.Module, Dict[str, Any]]
 
 
 def make_loaders(
-    cfg: argparse.Namespace, train: Dataset, val: Dataset, info: Any, collate_fn: Callable
+    cfg: argparse.Namespace, train: Dataset, val: Dataset, info: DistInfo, collate_fn: Callable
 ) -> Tuple[DataLoader, DataLoader]:
     """The engine's (train, val) loaders; a training set smaller than one global batch is refused."""
-    world = max(1, getattr(info, 'world_size', 1))
-    if len(train) < cfg.batch_size * world:
+    if len(train) < cfg.batch_size * info.world_size:
         raise ValueError(
             f'the training set has {len(train)} images, fewer than one global batch ({cfg.batch_size} per '
-            f'process x {world}); lower -b/--batch-size.'
+            f'process x {info.world_size}); lower -b/--batch-size.'
         )
     kw = dict(workers=cfg.workers, seed=cfg.seed, collate_fn=collate_fn)
     return (
